@@ -1,0 +1,12 @@
+"""memopt: make PyTorch training fit in memory with one call.
+
+    import memopt
+    memopt.apply(model, checkpoint=True)
+    print(memopt.applied(model))
+"""
+
+from .api import applied, apply, remove
+from .config import CheckpointConfig
+
+__all__ = ["apply", "applied", "remove", "CheckpointConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Finding things in a model by FQN: the repeated blocks, and modules named by a user's `blocks=`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+# Containers are never blocks themselves: a stack of stacks is searched one level down.
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+def outermost(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Drop every module that sits inside another one of the list (checkpointing inside a checkpoint buys nothing)."""
+    kept: list[tuple[str, nn.Module]] = []
+    for name, module in named:
+        if any(_is_inside(name, outer) for outer, _ in kept):
+            continue
+        kept.append((name, module))
+    return kept
+
+def _is_inside(name: str, outer: str) -> bool:
+    return outer == "" or name.startswith(outer + ".")
+
+def _hf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers transformers itself would checkpoint (`GradientCheckpointingLayer` subclasses), if any."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers absent or too old to have it
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+
+def _repeated_children(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Children of a ModuleList/Sequential whose class occurs at least twice there and that hold parameters in
+    submodules of their own (so a Sequential(Linear, ReLU, Linear) is not a stack of two "blocks")."""
+    found = []
+    for name, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.named_children())
+        counts = Counter(type(c) for _, c in children)
+        for child_name, child in children:
+            cls = type(child)
+            if counts[cls] < 2 or isinstance(child, _CONTAINERS):
+                continue
+            if next(child.children(), None) is None or not _has_params(child):
+                continue
+            found.append((f"{name}.{child_name}" if name else child_name, child))
+    return found
+
+def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The model's repeated layers, outermost first, in registration order, and how they were found.
+
+    transformers models: the `GradientCheckpointingLayer` instances (the decoder/encoder layers of every stack).
+    Anything else: the children of an `nn.ModuleList`/`nn.Sequential` that repeat a class there, outermost ones only
+    (a Mixtral-style expert list inside a decoder layer is not picked; the decoder layers are).
+    """
+    hf = outermost(_hf_layers(model))
+    if hf:
+        return hf, "transformers GradientCheckpointingLayer"
+    return outermost(_repeated_children(model)), "repeated modules in a ModuleList/Sequential"
+
+def _as_list(spec: Any) -> list:
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        return list(spec)
+    return [spec]
+
+def select_modules(model: nn.Module, spec: Any, what: str) -> list[tuple[str, nn.Module]]:
+    """Modules named by a user's spec: FQN strings (exact, or glob patterns), classes, or a predicate fn(name, module).
+
+    Raises ValueError when an explicit item matched nothing, naming it and what the model has instead.
+    """
+    items = _as_list(spec)
+    named = list(model.named_modules())
+    chosen: dict[str, nn.Module] = {}
+    for item in items:
+        if isinstance(item, str):
+            hits = [(n, m) for n, m in named if n == item or (_is_glob(item) and fnmatch.fnmatchcase(n, item))]
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            hits = [(n, m) for n, m in named if isinstance(m, item)]
+        elif callable(item):
+            hits = [(n, m) for n, m in named if item(n, m)]
+        else:
+            raise TypeError(
+                f"{what}={item!r} is not supported; give FQN strings (glob patterns allowed), nn.Module classes "
+                "or a predicate fn(name, module) -> bool"
+            )
+        if not hits:
+            raise ValueError(f"{what}={_describe(item)} matched no module; {_suggest(model)}")
+        chosen.update(hits)
+    order = {n: i for i, (n, _) in enumerate(named)}
+    return outermost(sorted(chosen.items(), key=lambda nm: order[nm[0]]))
+
+def _is_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+def _describe(item: Any) -> str:
+    if isinstance(item, type):
+        return item.__name__
+    if isinstance(item, str):
+        return repr(item)
+    return getattr(item, "__name__", repr(item))
+
+def _suggest(model: nn.Module) -> str:
+    """A short hint listing the model's top-level structure, for error messages."""
+    lines = []
+    for name, child in model.named_children():
+        sub = [n for n, _ in child.named_children()][:4]
+        more = ", ..." if len(list(child.named_children())) > 4 else ""
+        inner = f" (children: {', '.join(sub)}{more})" if sub else ""
+        lines.append(f"{name}: {type(child).__name__}{inner}")
+    shown = "; ".join(lines[:8]) or f"{type(model).__name__} has no submodules"
+    return (
+        f"the model's top-level modules are: {shown}. Name the blocks with blocks=['layers.*'] (FQN glob), "
+        "blocks=MyBlockClass, or blocks=lambda name, module: ..."
+    )
+
+def no_blocks_message(model: nn.Module) -> str:
+    return (
+        f"found no repeated blocks in {type(model).__name__} (no transformers GradientCheckpointingLayer, no "
+        "nn.ModuleList/nn.Sequential holding two or more modules of one class); " + _suggest(model)
+    )
+
+def get_submodule(model: nn.Module, fqn: str) -> nn.Module:
+    return model if fqn == "" else model.get_submodule(fqn)

@@ -1,0 +1,99 @@
+"""`apply`, `applied`, `remove`: normalise the arguments to configs, check them all, then run the transforms in order.
+
+The fixed order (lower first) and why:
+    quantize (10) -> LoRA (20) -> attention (30) -> checkpoint (40)
+Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
+blocks whose identity does not change; checkpointing goes last because it only wraps the blocks' `forward` and
+must see their final contents. Any order of separate `apply` calls gives the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from . import transforms as _transforms  # noqa: F401  (registers the transforms)
+from ._record import Applied, record_of
+from ._registry import transform_for, transforms
+from .config import checkpoint_config, with_blocks
+
+_NOT_YET = {
+    "attention": "attention='sdpa' conversion",
+    "quant": "weight quantization",
+    "lora": "LoRA adapters",
+}
+
+
+def apply(
+    model: nn.Module,
+    *,
+    checkpoint: Any = False,
+    attention: Any = "sdpa",
+    quant: Any = None,
+    lora: Any = None,
+    blocks: Any = None,
+) -> nn.Module:
+    """Make `model` train in less memory. Changes it in place and returns the same object.
+
+    Args:
+        model: any `nn.Module` (transformers or hand-written).
+        checkpoint: activation checkpointing of the repeated blocks. ``False``/``None``: leave as is. ``True`` or
+            ``"full"``: keep only each block's input, recompute the rest in backward (activation memory of the
+            blocks falls to ``layers x batch x seq x hidden``; ~1 extra forward of compute). ``"selective"``: keep
+            matmul/attention outputs, recompute norms/activations/dropout (less saving, recompute almost free). An int
+            ``N``: checkpoint every N-th block. ``"offload"``: full, with the kept inputs in pinned CPU memory (CUDA).
+            Or a `memopt.CheckpointConfig`.
+        attention: ``"sdpa"`` (default) routes attention through `scaled_dot_product_attention`; ``None`` leaves it.
+        quant: weight quantization (``"4bit"``, ``"8bit"``, ...); not available yet.
+        lora: LoRA adapters; not available yet.
+        blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
+            default: found automatically.
+
+    Returns:
+        `model`, changed in place. `memopt.applied(model)` says what was done to which layer.
+
+    Raises:
+        TypeError: `model` is not an `nn.Module`.
+        ValueError: an option has an unknown value, or `blocks=` matched nothing, or no blocks were found. The model
+            is left untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
+    configs = []
+    ckpt = checkpoint_config(checkpoint)
+    if ckpt is not None:
+        configs.append(with_blocks(ckpt, blocks))
+    elif blocks is not None:
+        raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
+    for name, value in (("quant", quant), ("lora", lora)):
+        if value is not None:
+            raise NotImplementedError(f"{name}={value!r}: {_NOT_YET[name]} is not implemented yet; pass {name}=None")
+    if attention not in (None, "sdpa"):
+        raise ValueError(f"attention={attention!r} is not supported; use 'sdpa' or None")
+
+    # Check everything before changing anything: a bad option leaves the model untouched.
+    plans = [(transform_for(c), c, transform_for(c).plan(model, c)) for c in configs]
+    record = record_of(model, create=True)
+    for transform, config, plan in sorted(plans, key=lambda tcp: tcp[0].order):
+        record.replace(transform.technique, transform.apply(model, config, plan), config)
+    return model
+
+
+def applied(model: nn.Module) -> Applied:
+    """What memopt did to `model`: every module touched and every module skipped, with the reason."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memopt.applied expects an nn.Module, got {type(model).__name__}")
+    return record_of(model)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo what can be undone (checkpointing); returns the model. Parameters are never touched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memopt.remove expects an nn.Module, got {type(model).__name__}")
+    record = record_of(model)
+    for transform in transforms():
+        if transform.remove is not None:
+            transform.remove(model)
+            record.replace(transform.technique, [], None)
+    return model

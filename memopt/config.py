@@ -1,0 +1,112 @@
+"""Dataclass configs: the truth behind the string shorthands accepted by `memopt.apply`.
+
+Every shorthand is normalised here, once, at the boundary; the transforms only ever see configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, Union
+
+import torch.nn as nn
+
+# What `blocks=` accepts: FQN strings (glob patterns allowed), module classes, or a predicate fn(name, module).
+BlockSpec = Union[str, type, Callable[[str, nn.Module], bool], Sequence[Union[str, type]]]
+
+CHECKPOINT_POLICIES = ("full", "selective")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Activation checkpointing of the model's repeated blocks.
+
+    Only a checkpointed block's inputs stay alive between forward and backward; everything it computes inside is
+    recomputed when backward reaches it.
+
+    Args:
+        policy: ``"full"`` keeps only the block inputs: activation memory of a block falls to its input
+            (``batch x seq x hidden``), at the price of one extra forward of the block in backward (~+33% compute
+            for transformer blocks). ``"selective"`` also keeps the outputs of the expensive ops (matmuls, convolutions,
+            attention kernels; see ``save_ops``) and recomputes only the cheap ones (norms, activations, dropout,
+            residual adds): less memory saved than ``"full"``, but the recompute costs only elementwise work.
+        every: checkpoint every ``every``-th block (blocks 0, N, 2N, ...); ``1`` checkpoints all of them. Larger
+            values keep more activations in exchange for less recompute.
+        blocks: which modules are blocks; ``None`` finds the repeated layers automatically. FQN strings (glob patterns
+            such as ``"model.layers.*"`` allowed), module classes, or a predicate ``fn(name, module) -> bool``.
+        offload: also move the kept block inputs to pinned CPU memory during the step (CUDA only). Frees
+            ``layers x batch x seq x hidden`` bytes of GPU memory for a host-to-device copy per block in backward.
+            On a CPU model it behaves as ``offload=False`` (and says so once).
+        preserve_rng_state: restore the RNG state before recomputing, so dropout draws the same masks and gradients
+            match an uncheckpointed run exactly. Costs one RNG-state copy per block call.
+        determinism_check: passed to ``torch.utils.checkpoint``: ``"default"`` checks recomputed tensors' shapes,
+            dtypes and devices; ``"none"`` skips the check.
+        save_ops: for ``policy="selective"``, the ATen op names whose outputs are kept (default: mm, addmm, bmm,
+            baddbmm, convolution and the SDPA kernels).
+    """
+
+    policy: str = "full"
+    every: int = 1
+    blocks: Any = None
+    offload: bool = False
+    preserve_rng_state: bool = True
+    determinism_check: str = "default"
+    save_ops: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in CHECKPOINT_POLICIES:
+            raise ValueError(
+                f"CheckpointConfig(policy={self.policy!r}) is not supported; use one of {CHECKPOINT_POLICIES}"
+            )
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(
+                f"CheckpointConfig(every={self.every!r}) must be a positive int (1 = every block, 2 = every other block)"
+            )
+        if self.determinism_check not in ("default", "none"):
+            raise ValueError(
+                f"CheckpointConfig(determinism_check={self.determinism_check!r}) must be 'default' or 'none'"
+            )
+        if self.save_ops is not None and self.policy != "selective":
+            raise ValueError("CheckpointConfig(save_ops=...) only applies to policy='selective'")
+
+    @property
+    def name(self) -> str:
+        """Short human name, as `memopt.applied` prints it."""
+        parts = [self.policy]
+        if self.every != 1:
+            parts.append(f"every={self.every}")
+        if self.offload:
+            parts.append("offload")
+        return ",".join(parts)
+
+
+_CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
+    "full": CheckpointConfig,
+    "selective": lambda: CheckpointConfig(policy="selective"),
+    "offload": lambda: CheckpointConfig(offload=True),
+}
+_CHECKPOINT_ALLOWED = "False, None, True, 'full', 'selective', 'offload', a positive int N, or memopt.CheckpointConfig(...)"
+
+
+def checkpoint_config(value: Any) -> CheckpointConfig | None:
+    """Normalise the ``checkpoint=`` argument of `memopt.apply` to a `CheckpointConfig` (or None: do nothing)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return CheckpointConfig()
+    if isinstance(value, CheckpointConfig):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"checkpoint={value!r} is not supported; use {_CHECKPOINT_ALLOWED}")
+        return CheckpointConfig(every=value)
+    if isinstance(value, str) and value in _CHECKPOINT_SHORTHANDS:
+        return _CHECKPOINT_SHORTHANDS[value]()
+    raise ValueError(f"checkpoint={value!r} is not supported; use {_CHECKPOINT_ALLOWED}")
+
+
+def with_blocks(config: CheckpointConfig, blocks: Any) -> CheckpointConfig:
+    """`apply(blocks=...)` fills in a config that names no blocks of its own."""
+    if blocks is None or config.blocks is not None:
+        return config
+    return dataclasses.replace(config, blocks=blocks)

@@ -1,0 +1,128 @@
+"""The public surface: one verb, clear errors, a bad call leaves the model untouched, a light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memopt
+from models import nanogpt
+
+
+def _snapshot(model: nn.Module):
+    return (
+        [(n, type(m), dict(m.__dict__.get("_forward_pre_hooks", {}))) for n, m in model.named_modules()],
+        {n: m.__dict__.get("forward") for n, m in model.named_modules()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        "_memopt_applied" in model.__dict__,
+    )
+
+
+def _assert_untouched(model, before):
+    after = _snapshot(model)
+    assert after[0] == before[0]
+    assert after[1] == before[1]
+    assert after[2].keys() == before[2].keys()
+    assert all(torch.equal(after[2][k], before[2][k]) for k in before[2])
+    assert after[3] == before[3]
+
+
+def test_apply_returns_the_same_model():
+    model, *_ = nanogpt()
+    assert memopt.apply(model, checkpoint=True) is model
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(checkpoint="fast"), ValueError, r"checkpoint='fast' is not supported; use False, None, True, 'full', 'selective'"),
+        (dict(checkpoint=0), ValueError, r"checkpoint=0 is not supported"),
+        (dict(checkpoint=-2), ValueError, r"checkpoint=-2 is not supported"),
+        (dict(checkpoint=1.5), ValueError, r"checkpoint=1.5 is not supported"),
+        (dict(checkpoint=True, blocks="transformer.layers.*"), ValueError, r"blocks='transformer.layers.\*' matched no module; .*transformer: ModuleDict"),
+        (dict(checkpoint=True, blocks=nn.LSTM), ValueError, r"blocks=LSTM matched no module"),
+        (dict(checkpoint=True, blocks=[3]), TypeError, r"blocks=3 is not supported"),
+        (dict(blocks="transformer.h.*"), ValueError, r"checkpoint= is off"),
+        (dict(attention="flash3"), ValueError, r"attention='flash3' is not supported; use 'sdpa' or None"),
+        (dict(checkpoint=True, quant="4bit"), NotImplementedError, r"quant='4bit'"),
+        (dict(checkpoint=True, lora=8), NotImplementedError, r"lora=8"),
+        (dict(checkpoint=memopt.CheckpointConfig(policy="selective", save_ops=("nope_op",))), ValueError, r"'nope_op'"),
+    ],
+)
+def test_bad_input_raises_and_leaves_model_untouched(kwargs, error, match):
+    model, *_ = nanogpt()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        memopt.apply(model, **kwargs)
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(policy="some"), r"policy='some'\) is not supported; use one of \('full', 'selective'\)"),
+        (dict(every=0), r"every=0\) must be a positive int"),
+        (dict(every=True), r"every=True\) must be a positive int"),
+        (dict(determinism_check="strict"), r"determinism_check='strict'"),
+        (dict(save_ops=("mm",)), r"save_ops=.* only applies to policy='selective'"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        memopt.CheckpointConfig(**kwargs)
+
+
+def test_model_without_blocks_gets_a_message_that_says_how_to_name_them():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"found no repeated blocks in Sequential.*blocks=\['layers\.\*'\]"):
+        memopt.apply(model, checkpoint=True)
+    _assert_untouched(model, before)
+    memopt.apply(model, checkpoint=True, blocks=["0", "2"])  # naming them works
+    assert list(memopt.applied(model).touched("checkpoint")) == ["0", "2"]
+
+
+@pytest.mark.parametrize("fn", [memopt.apply, memopt.applied, memopt.remove])
+def test_non_module_is_a_type_error(fn):
+    with pytest.raises(TypeError, match=r"expects an nn.Module, got dict"):
+        fn({"weight": torch.zeros(2)})
+
+
+def test_applied_lists_touched_and_skipped_with_reasons():
+    model, *_ = nanogpt()
+    assert not memopt.applied(model)
+    assert str(memopt.applied(model)) == "memopt: nothing applied"
+    memopt.apply(model, checkpoint=2)
+    record = memopt.applied(model)
+    text = str(record)
+    assert "transformer.h.0" in text and "applied" in text and "skipped" in text and "every=2" in text
+    assert record.to_dict()["entries"][0] == {
+        "technique": "checkpoint", "fqn": "transformer.h.0", "status": "applied",
+        "detail": "full,every=2 (Block; found by repeated modules in a ModuleList/Sequential)",
+    }
+    assert isinstance(record.configs["checkpoint"], memopt.CheckpointConfig)
+
+
+def test_shorthands_are_configs():
+    from memopt.config import checkpoint_config
+
+    assert checkpoint_config(True) == memopt.CheckpointConfig()
+    assert checkpoint_config("full") == memopt.CheckpointConfig()
+    assert checkpoint_config("selective") == memopt.CheckpointConfig(policy="selective")
+    assert checkpoint_config(3) == memopt.CheckpointConfig(every=3)
+    assert checkpoint_config("offload") == memopt.CheckpointConfig(offload=True)
+    assert checkpoint_config(False) is None and checkpoint_config(None) is None
+
+
+def test_import_is_light():
+    code = (
+        "import sys, memopt, torch\n"
+        "heavy = [m for m in ('bitsandbytes', 'peft', 'accelerate', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,356 @@
+"""Activation checkpointing: same numbers as the unmodified model, less memory, proven recompute."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils.flop_counter import FlopCounterMode
+
+import memopt
+from memopt.transforms.checkpoint import checkpointed
+from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, NanoGPT, ResBlock, nanogpt
+
+POLICIES = {
+    "full": True,
+    "selective": "selective",
+    "every2": 2,
+    "offload": "offload",  # CPU: behaves as full
+}
+
+
+def _pair(name: str, dropout: float = 0.1):
+    torch.manual_seed(0)
+    model, batch, loss_fn = ALL_MODELS[name](dropout=dropout)
+    return model, copy.deepcopy(model), batch, loss_fn
+
+
+def _step(model, batch, loss_fn, seed=1):
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)  # same dropout masks in both runs
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(ref, model, batch, loss_fn):
+    ref_loss, ref_grads = _step(ref, batch, loss_fn)
+    loss, grads = _step(model, batch, loss_fn)
+    # The forward runs the same ops in the same order: bit-identical loss (dropout included, RNG state preserved).
+    assert torch.equal(loss, ref_loss), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        # Backward accumulates a tensor's gradient contributions (residual stream, tied weights) in the order the
+        # autograd engine meets them, and the recompute changes that order: fp32 rounding, nothing more. (Bitwise
+        # equality with transformers' own checkpointing is tested separately.)
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("name", list(ALL_MODELS))
+def test_same_loss_and_gradients(name, policy):
+    model, ref, batch, loss_fn = _pair(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # offload on CPU says it behaves as full
+        memopt.apply(model, checkpoint=POLICIES[policy])
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "bert", "mixtral"])
+def test_bitwise_equal_to_transformers_own_checkpointing(name):
+    model, hf, batch, loss_fn = _pair(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    memopt.apply(model, checkpoint=True)
+    hf_loss, hf_grads = _step(hf, batch(0), loss_fn)
+    loss, grads = _step(model, batch(0), loss_fn)
+    assert torch.equal(loss, hf_loss)
+    for n in grads:
+        assert torch.equal(grads[n], hf_grads[n]), n
+
+
+@pytest.mark.parametrize("name", list(ALL_MODELS))
+def test_blocks_found(name):
+    model, *_ = ALL_MODELS[name]()
+    memopt.apply(model, checkpoint=True)
+    blocks = memopt.applied(model).touched("checkpoint")
+    assert len(blocks) == EXPECTED_BLOCKS[name]
+    types = {type(model.get_submodule(fqn)) for fqn in blocks}
+    assert len(types) <= 2, types  # T5: encoder and decoder blocks share one class; others one class
+    if name in HF_MODELS:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        hf = {n for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)}
+        assert set(blocks) == hf
+    if name == "t5":
+        assert any(b.startswith("encoder.") for b in blocks) and any(b.startswith("decoder.") for b in blocks)
+    if name == "mixtral":  # the decoder layers, not the experts inside them
+        assert all(fqn.startswith("model.layers.") and fqn.count(".") == 2 for fqn in blocks)
+
+
+def test_nested_stacks_pick_the_inner_blocks_of_each_stage():
+    # A stage list whose stages hold a ResBlock stack: containers are searched through, blocks are the ResBlocks.
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(ResBlock(8), ResBlock(8)),
+        nn.Sequential(ResBlock(8), ResBlock(8), ResBlock(8)),
+        nn.Flatten(), nn.LazyLinear(4) if False else nn.Identity(),
+    )
+    memopt.apply(model, checkpoint=True)
+    assert list(memopt.applied(model).touched("checkpoint")) == ["1.0", "1.1", "2.0", "2.1", "2.2"]
+
+
+def test_every_n_checkpoints_blocks_0_n_2n():
+    model, *_ = ALL_MODELS["llama"]()
+    memopt.apply(model, checkpoint=2)
+    record = memopt.applied(model)
+    assert list(record.touched("checkpoint")) == ["model.layers.0", "model.layers.2"]
+    assert list(record.skipped("checkpoint")) == ["model.layers.1"]
+    assert "every=2" in record.skipped("checkpoint")["model.layers.1"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "nanogpt"])
+def test_state_dict_and_fqns_unchanged(name):
+    model, ref, batch, loss_fn = _pair(name)
+    modules_before = [n for n, _ in model.named_modules()]
+    keys_before = list(model.state_dict())
+    memopt.apply(model, checkpoint=True)
+    assert [n for n, _ in model.named_modules()] == modules_before
+    assert list(model.state_dict()) == keys_before
+    # A checkpointed model's state_dict loads into an unmodified one, and back, strictly.
+    _step(model, batch(0), loss_fn)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    ref.load_state_dict(model.state_dict(), strict=True)
+    fresh, *_ = ALL_MODELS[name]()
+    memopt.apply(fresh, checkpoint=True)
+    fresh.load_state_dict(ref.state_dict(), strict=True)
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "nanogpt"])
+def test_frozen_embeddings_and_frozen_inputs(name):
+    model, ref, batch, loss_fn = _pair(name, dropout=0.0)
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            if "wte" in n or "embed" in n or "word_embeddings" in n or "lm_head" in n:
+                p.requires_grad_(False)
+    memopt.apply(model, checkpoint=True)
+    _assert_same_step(ref, model, batch(0), loss_fn)
+    _, grads = _step(model, batch(0), loss_fn)
+    first_block = next(iter(memopt.applied(model).touched("checkpoint")))
+    # The first block's input comes from a frozen embedding (no requires_grad): its weights still get gradients.
+    assert any(n.startswith(first_block + ".") for n in grads)
+
+
+def test_frozen_block_inputs_with_lora_style_training():
+    # Only a part inside the blocks trains (as with LoRA): gradients must still reach it through checkpointing.
+    model, ref, batch, loss_fn = _pair("llama", dropout=0.0)
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_("v_proj" in n)
+    memopt.apply(model, checkpoint=True)
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+def test_use_cache_off_in_training_and_back_for_generate():
+    model, ref, batch, loss_fn = _pair("llama", dropout=0.0)
+    model.config.use_cache = True
+    memopt.apply(model, checkpoint=True)
+    b = batch(0)
+    model.train()
+    out = model(**b)
+    assert out.past_key_values is None  # no cache kept alive (or written twice) in a checkpointed training step
+    with pytest.warns(UserWarning, match="use_cache=True while training"):
+        out = model(**b, use_cache=True)
+    assert out.past_key_values is None
+    model.eval()
+    ref.eval()
+    assert model(**b).past_key_values is not None  # eval keeps it
+    ids = b["input_ids"][:1, :5]
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref_gen = ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, ref_gen)
+    model.train()
+    with torch.no_grad():  # generating from a model left in train mode: no grad, so the cache is kept
+        assert model(**b).past_key_values is not None
+
+
+def _backward_flops(model, batch, loss_fn, train=True):
+    model.train(train)
+    loss = loss_fn(model, batch)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def _forward_flops(model, batch, loss_fn, train=True):
+    model.train(train)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch)
+    return counter.get_total_flops()
+
+
+def test_recompute_proven_by_flops():
+    base, _, batch, loss_fn = _pair("llama", dropout=0.0)
+    b = batch(0)
+    results = {}
+    for policy in ("none", "full", "selective", "every2"):
+        model = copy.deepcopy(base)
+        if policy != "none":
+            memopt.apply(model, checkpoint={"full": True, "selective": "selective", "every2": 2}[policy])
+        results[policy] = (_forward_flops(model, b, loss_fn), _backward_flops(model, b, loss_fn))
+    fwd, bwd = results["none"]
+    assert all(f == fwd for f, _ in results.values())  # forward does the same work under every policy
+    cfg, tokens = base.config, b["input_ids"].numel()
+    head = 2 * tokens * cfg.hidden_size * cfg.vocab_size  # lm_head; embeddings and norms count 0 FLOPs
+    down_proj = 2 * tokens * cfg.intermediate_size * cfg.hidden_size
+    block_fwd = (fwd - head) // cfg.num_hidden_layers
+    # Full: backward re-runs each block's forward, up to the last op backward needs: non-reentrant checkpointing
+    # stops early and skips the final down_proj, whose output no backward formula uses.
+    assert results["full"][1] == bwd + 3 * (block_fwd - down_proj)
+    # Every 2nd of 3 blocks: blocks 0 and 2 are re-run.
+    assert results["every2"][1] == bwd + 2 * (block_fwd - down_proj)
+    # Selective keeps every matmul output: the recompute is elementwise only, no matmul FLOPs.
+    assert results["selective"][1] == bwd
+
+
+def test_eval_and_no_grad_pay_no_recompute():
+    base, _, batch, loss_fn = _pair("llama", dropout=0.0)
+    model = copy.deepcopy(base)
+    memopt.apply(model, checkpoint=True)
+    b = batch(0)
+    # eval() with grad (e.g. saliency maps): backward does not recompute.
+    assert _backward_flops(model, b, loss_fn, train=False) == _backward_flops(base, b, loss_fn, train=False)
+    with torch.no_grad():
+        assert _forward_flops(model, b, loss_fn) == _forward_flops(base, b, loss_fn)
+
+
+def _peak_bytes(model, batch, loss_fn) -> dict:
+    """Peak of a forward+backward on CPU, by PyTorch's MemTracker, by category."""
+    model.train()
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        loss_fn(model, batch).backward()
+    peak = tracker.get_tracker_snapshot("peak")
+    snapshot = next(iter(peak.values()))
+    return {str(k).split(".")[-1]: v for k, v in snapshot.items()}
+
+
+def _bench_llama():
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 256, (2, 256))
+    return model, {"input_ids": ids, "labels": ids}, lambda m, b: m(**b).loss
+
+
+def test_peak_memory_falls_measured_by_memtracker():
+    base, b, loss_fn = _bench_llama()
+    peaks = {}
+    for policy in (None, True, "selective", 2):
+        model = copy.deepcopy(base)
+        if policy is not None:
+            memopt.apply(model, checkpoint=policy)
+        peaks[policy] = _peak_bytes(model, b, loss_fn)
+    total = {k: v["Total"] for k, v in peaks.items()}
+    act = {k: v["ACT"] for k, v in peaks.items()}
+    assert total[True] < 0.6 * total[None], total
+    assert total["selective"] < 0.85 * total[None], total
+    assert total[True] < total[2] < total[None], total
+    assert act[True] < 0.25 * act[None], act
+
+
+def test_apply_twice_is_harmless_and_remove_undoes():
+    base, _, batch, loss_fn = _pair("llama", dropout=0.0)
+    b = batch(0)
+    once = copy.deepcopy(base)
+    memopt.apply(once, checkpoint=True)
+    twice = copy.deepcopy(base)
+    memopt.apply(twice, checkpoint=True)
+    memopt.apply(twice, checkpoint=True)
+    assert _backward_flops(twice, b, loss_fn) == _backward_flops(once, b, loss_fn)  # not nested
+    assert memopt.applied(twice).touched("checkpoint") == memopt.applied(once).touched("checkpoint")
+    # A second apply with another policy replaces the first.
+    memopt.apply(twice, checkpoint="selective")
+    assert all("selective" in d for d in memopt.applied(twice).touched("checkpoint").values())
+    assert _backward_flops(twice, b, loss_fn) == _backward_flops(base, b, loss_fn)
+    # apply(checkpoint=False) leaves existing checkpointing alone; remove() undoes it.
+    memopt.apply(twice, checkpoint=False)
+    assert checkpointed(twice.model.layers[0])
+    memopt.remove(twice)
+    assert not any(checkpointed(m) for m in twice.modules())
+    assert "forward" not in twice.model.layers[0].__dict__
+    assert not memopt.applied(twice).touched()
+    twice.train()
+    assert twice(**b).past_key_values is not None  # the use_cache hook is gone too
+    assert _backward_flops(twice, b, loss_fn) == _backward_flops(base, b, loss_fn)
+
+
+def test_blocks_by_fqn_glob_class_and_predicate():
+    model, *_ = nanogpt()
+    memopt.apply(model, checkpoint=True, blocks="transformer.h.*")
+    assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}" for i in range(3)]
+    model, *_ = nanogpt()
+    memopt.apply(model, checkpoint=True, blocks=["transformer.h.0", "transformer.h.2"])
+    assert list(memopt.applied(model).touched("checkpoint")) == ["transformer.h.0", "transformer.h.2"]
+    model, *_ = nanogpt()
+    from models import CausalSelfAttention
+
+    memopt.apply(model, checkpoint=True, blocks=CausalSelfAttention)
+    assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}.attn" for i in range(3)]
+    model, *_ = nanogpt()
+    memopt.apply(model, checkpoint=memopt.CheckpointConfig(blocks=lambda name, m: name.endswith(".mlp")))
+    assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}.mlp" for i in range(3)]
+
+
+def test_checkpointed_model_deepcopies_and_pickles():
+    model, ref, batch, loss_fn = _pair("gpt2", dropout=0.1)
+    memopt.apply(model, checkpoint=True)
+    clone = copy.deepcopy(model)
+    assert clone.transformer.h[0].forward.module is clone.transformer.h[0]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert checkpointed(loaded.transformer.h[0])
+    for m in (clone, loaded):
+        _assert_same_step(ref, m, batch(0), loss_fn)
+
+
+def test_offload_on_cpu_behaves_as_full_and_says_so_once():
+    from memopt import _log
+
+    _log._warned.discard("offload-cpu")
+    model, *_ = nanogpt()
+    with pytest.warns(UserWarning, match="behaves as checkpoint='full'") as record:
+        memopt.apply(model, checkpoint="offload")
+    assert record[0].filename == __file__  # stacklevel points at the caller's apply()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memopt.apply(nanogpt()[0], checkpoint="offload")  # once per process
+
+
+@pytest.mark.gpu
+def test_offload_on_cuda_moves_block_inputs_to_cpu():
+    model, ref, batch, loss_fn = _pair("llama", dropout=0.0)
+    model, ref = model.cuda(), ref.cuda()
+    memopt.apply(model, checkpoint="offload")
+    b = {k: v.cuda() for k, v in batch(0).items()}
+    _assert_same_step(ref, model, b, loss_fn)

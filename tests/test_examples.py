@@ -1,0 +1,28 @@
+"""Examples and benchmarks run in a fast mode, so they cannot rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_quickstart_prints_applied_and_a_smaller_peak():
+    out = _run("examples/quickstart.py", "--seq-len", "128", "--batch-size", "2")
+    assert "model.layers.0" in out and "applied" in out
+    ratio = float(out.rsplit("peak memory: ", 1)[1].split("x")[0])
+    assert ratio < 0.9, out
+
+
+def test_checkpoint_benchmark_runs():
+    out = _run("benchmarks/checkpoint.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seq", "64",
+               "--steps", "1")
+    assert out.count("| memopt") == 3 and "transformers gradient_checkpointing_enable" in out
