@@ -1,7 +1,7 @@
 """Activation checkpointing of a model's repeated blocks, through `torch.utils.checkpoint` (non-reentrant).
 
-How a block is checkpointed: its `forward` is replaced, on the instance only, by one that runs the original forward
-under `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`. No wrapper module is inserted, so FQNs and
+How a block is checkpointed: an instance-level forward patch (`memopt._patch`) runs the original forward under
+`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`. No wrapper module is inserted, so FQNs and
 `state_dict` keys do not change; the block's own hooks (FSDP2's, for instance) run once, outside the checkpoint, as
 in transformers' `GradientCheckpointingLayer`. Non-reentrant checkpointing needs no input that requires grad, so
 frozen embeddings and LoRA-only training work without `enable_input_require_grads`.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,11 +22,10 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .._log import logger, warn_once
 from .._modules import find_blocks, no_blocks_message, select_modules
+from .._patch import ForwardPatch, find, install, uninstall
 from .._record import Entry
 from .._registry import register_transform
 from ..config import CheckpointConfig
-
-_STATE = "_memopt_checkpoint"  # per checkpointed block, in its __dict__
 
 # Outputs kept by policy="selective": matmuls, convolutions and attention kernels. Everything else (norms,
 # activations, dropout, residual adds, rotary embeddings) is recomputed.
@@ -60,13 +58,6 @@ def _selective_policy(save: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: 
     return CheckpointPolicy.MUST_SAVE if packet in save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-@dataclass
-class _BlockState:
-    config: CheckpointConfig
-    inner: Callable | None  # an instance-level forward that was there before us (accelerate hooks set one), else None
-    context_fn: Callable | None  # selective checkpointing's context factory; None for full
-
-
 def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -74,54 +65,41 @@ def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
     return None
 
 
-class _CheckpointedForward:
-    """The instance-level `forward` of a checkpointed block. A small object rather than a closure or bound method so
-    that `copy.deepcopy` rebinds it to the copy and `torch.save(model)` can pickle it."""
+class _Checkpointed(ForwardPatch):
+    """A checkpointed block's forward."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, inner: Callable | None, config: CheckpointConfig, context_fn: Callable | None):
+        super().__init__(module, inner)
+        self.config = config
+        self.context_fn = context_fn  # selective checkpointing's context factory; None for full
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _checkpointed_forward(self.module, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(_inner_forward(self.module))
-
-
-def _inner_forward(module: nn.Module) -> Callable:
-    inner = module.__dict__[_STATE].inner
-    return inner if inner is not None else types.MethodType(type(module).forward, module)
-
-
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    state: _BlockState = self.__dict__[_STATE]
-    inner = _inner_forward(self)
-    # eval() and no_grad: nothing will be recomputed, so run as is (no RNG stash, no bookkeeping).
-    if not (self.training and torch.is_grad_enabled()):
-        return inner(*args, **kwargs)
-    extra = {} if state.context_fn is None else {"context_fn": state.context_fn}
-    run = functools.partial(
-        checkpoint,
-        inner,
-        use_reentrant=False,
-        preserve_rng_state=state.config.preserve_rng_state,
-        determinism_check=state.config.determinism_check,
-        **extra,
-    )
-    if state.config.offload:
-        device = _first_tensor_device(args, kwargs)
-        if device is not None and device.type != "cpu":
-            # The tensors checkpoint keeps (the block inputs) go to pinned host memory until backward needs them.
-            with torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device.type):
-                return run(*args, **kwargs)
-        warn_once(
-            "offload-cpu",
-            "checkpoint='offload' on a model running on the CPU behaves as checkpoint='full': the kept block inputs "
-            "already live in host memory",
-            stacklevel=4,
+        inner = self.inner_forward()
+        # eval() and no_grad: nothing will be recomputed, so run as is (no RNG stash, no bookkeeping).
+        if not (self.module.training and torch.is_grad_enabled()):
+            return inner(*args, **kwargs)
+        extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
+        run = functools.partial(
+            checkpoint,
+            inner,
+            use_reentrant=False,
+            preserve_rng_state=self.config.preserve_rng_state,
+            determinism_check=self.config.determinism_check,
+            **extra,
         )
-    return run(*args, **kwargs)
+        if self.config.offload:
+            device = _first_tensor_device(args, kwargs)
+            if device is not None and device.type != "cpu":
+                # What checkpoint keeps (the block inputs) waits in pinned host memory until backward needs it.
+                with torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device.type):
+                    return run(*args, **kwargs)
+            warn_once(
+                "offload-cpu",
+                "checkpoint='offload' on a model running on the CPU behaves as checkpoint='full': the kept block "
+                "inputs already live in host memory",
+                stacklevel=4,
+            )
+        return run(*args, **kwargs)
 
 
 def _no_cache_in_training(index: int | None, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -187,12 +165,7 @@ def _plan(model: nn.Module, config: CheckpointConfig) -> _Plan:
 def remove_checkpointing(model: nn.Module) -> None:
     """Undo checkpointing on every block of `model` and drop the use_cache hooks."""
     for module in model.modules():
-        state = module.__dict__.pop(_STATE, None)
-        if state is not None:
-            if state.inner is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = state.inner
+        uninstall(module, _Checkpointed)
         for key in [k for k, h in module._forward_pre_hooks.items() if _is_cache_hook(h)]:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
@@ -222,8 +195,7 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
         if getattr(block, "gradient_checkpointing", False) is True:
             block.gradient_checkpointing = False  # transformers' own, nested inside ours, would recompute twice
             logger.info("memopt: turned off transformers' own gradient checkpointing on %s (memopt's replaces it)", fqn)
-        block.__dict__[_STATE] = _BlockState(config, block.__dict__.get("forward"), plan.context_fn)
-        block.forward = _CheckpointedForward(block)
+        install(block, _Checkpointed, config=config, context_fn=plan.context_fn)
         entries.append(Entry("checkpoint", fqn, "applied", f"{config.name} ({kind}; found by {plan.found_by})"))
     for fqn, module, index in _cache_models(model):
         module.register_forward_pre_hook(functools.partial(_no_cache_in_training, index), with_kwargs=True)
@@ -235,7 +207,7 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
 
 def checkpointed(module: nn.Module) -> bool:
     """Whether memopt checkpoints this module."""
-    return _STATE in module.__dict__
+    return find(module, _Checkpointed) is not None
 
 
 __all__ = ["DEFAULT_SAVE_OPS", "CheckpointConfig", "checkpointed", "remove_checkpointing"]

@@ -1,0 +1,78 @@
+"""Instance-level `forward` patches: how memopt changes what a module does without a wrapper module.
+
+A patch replaces `module.forward` on the instance only, so FQNs, `state_dict` keys, the class and the module's own
+hooks stay as they were (hooks run once, outside the patch, as with transformers' `GradientCheckpointingLayer`).
+Patches chain: each keeps the forward it replaced (`inner`), so checkpointing can wrap an attention patch on the same
+module, and either can be removed without disturbing the other. Patches are small objects rather than closures so
+that `copy.deepcopy` rebinds them to the copy and `torch.save(model)` can pickle them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable, TypeVar
+
+import torch.nn as nn
+
+
+class ForwardPatch:
+    """Base class: subclasses implement `__call__` and reach the original forward through `call_inner`."""
+
+    def __init__(self, module: nn.Module, inner: Callable | None):
+        self.module = module
+        self.inner = inner  # the instance-level forward this patch replaced, or None for the class's forward
+
+    def inner_forward(self) -> Callable:
+        return self.inner if self.inner is not None else types.MethodType(type(self.module).forward, self.module)
+
+    def call_inner(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner_forward()(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.inner_forward())
+
+
+P = TypeVar("P", bound=ForwardPatch)
+
+
+def install(module: nn.Module, patch_cls: type[P], **state: Any) -> P:
+    """Put a `patch_cls` patch in front of the module's current forward; returns it."""
+    patch = patch_cls(module, module.__dict__.get("forward"), **state)
+    module.forward = patch
+    return patch
+
+
+def _chain(module: nn.Module) -> list[ForwardPatch]:
+    chain, link = [], module.__dict__.get("forward")
+    while isinstance(link, ForwardPatch):
+        chain.append(link)
+        link = link.inner
+    return chain
+
+
+def find(module: nn.Module, patch_cls: type[P]) -> P | None:
+    """The module's patch of this class, if it has one."""
+    return next((p for p in _chain(module) if isinstance(p, patch_cls)), None)
+
+
+def uninstall(module: nn.Module, patch_cls: type[ForwardPatch]) -> bool:
+    """Remove the module's patches of this class from its chain, keeping the others; True if one was there."""
+    chain = _chain(module)
+    if not any(isinstance(p, patch_cls) for p in chain):
+        return False
+    kept = [p for p in chain if not isinstance(p, patch_cls)]
+    tail = chain[-1].inner  # whatever forward was there before any memopt patch
+    for patch, nxt in zip(kept, kept[1:] + [None]):
+        patch.inner = nxt if nxt is not None else tail
+    if kept:
+        module.forward = kept[0]
+    elif tail is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = tail
+    return True
