@@ -6,7 +6,8 @@
 """
 
 from .api import applied, apply, remove
-from .config import CheckpointConfig
+from .config import AttentionConfig, CheckpointConfig
+from .transforms.attention import register_attention
 
-__all__ = ["apply", "applied", "remove", "CheckpointConfig"]
+__all__ = ["apply", "applied", "remove", "register_attention", "AttentionConfig", "CheckpointConfig"]
 __version__ = "0.1.0"

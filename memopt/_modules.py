@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections import Counter
 from typing import Any, Iterable
 
@@ -26,17 +27,31 @@ def outermost(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
 def _is_inside(name: str, outer: str) -> bool:
     return outer == "" or name.startswith(outer + ".")
 
-def _hf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers transformers itself would checkpoint (`GradientCheckpointingLayer` subclasses), if any."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # transformers absent or too old to have it
-        return []
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+def transformers_class(name: str) -> type | None:
+    """A transformers class, only if transformers is already imported: a model of its classes cannot exist otherwise,
+    so plain PyTorch users never pay transformers' import time."""
+    if "transformers" not in sys.modules:
+        return None
+    import transformers
 
-def _repeated_children(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if name == "GradientCheckpointingLayer":
+        from transformers import modeling_layers
+
+        return getattr(modeling_layers, name, None)  # absent before transformers 4.52
+    return getattr(transformers, name, None)
+
+
+def hf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers transformers itself would checkpoint (`GradientCheckpointingLayer` subclasses), if any."""
+    layer_cls = transformers_class("GradientCheckpointingLayer")
+    if layer_cls is None:
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, layer_cls)]
+
+def _repeated_children(model: nn.Module, containers: bool = False) -> list[tuple[str, nn.Module]]:
     """Children of a ModuleList/Sequential whose class occurs at least twice there and that hold parameters in
-    submodules of their own (so a Sequential(Linear, ReLU, Linear) is not a stack of two "blocks")."""
+    submodules of their own (so a Sequential(Linear, ReLU, Linear) is not a stack of two "blocks"). Containers
+    among them count only with `containers=True` (a stack of nn.Sequential blocks with nothing repeated inside)."""
     found = []
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -44,8 +59,7 @@ def _repeated_children(model: nn.Module) -> list[tuple[str, nn.Module]]:
         children = list(container.named_children())
         counts = Counter(type(c) for _, c in children)
         for child_name, child in children:
-            cls = type(child)
-            if counts[cls] < 2 or isinstance(child, _CONTAINERS):
+            if counts[type(child)] < 2 or isinstance(child, _CONTAINERS) != containers:
                 continue
             if next(child.children(), None) is None or not _has_params(child):
                 continue
@@ -57,12 +71,16 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
 
     transformers models: the `GradientCheckpointingLayer` instances (the decoder/encoder layers of every stack).
     Anything else: the children of an `nn.ModuleList`/`nn.Sequential` that repeat a class there, outermost ones only
-    (a Mixtral-style expert list inside a decoder layer is not picked; the decoder layers are).
+    (a Mixtral-style expert list inside a decoder layer is not picked; the decoder layers are), searching through
+    nested containers; failing that, a run of `nn.Sequential` blocks (``Sequential(*[Sequential(Linear, ReLU)] * n)``).
     """
-    hf = outermost(_hf_layers(model))
+    hf = outermost(hf_layers(model))
     if hf:
         return hf, "transformers GradientCheckpointingLayer"
-    return outermost(_repeated_children(model)), "repeated modules in a ModuleList/Sequential"
+    found = outermost(_repeated_children(model))
+    if found:
+        return found, "repeated modules in a ModuleList/Sequential"
+    return outermost(_repeated_children(model, containers=True)), "repeated nn.Sequential blocks"
 
 def _as_list(spec: Any) -> list:
     if isinstance(spec, (list, tuple, set, frozenset)):
@@ -114,8 +132,10 @@ def _suggest(model: nn.Module) -> str:
         inner = f" (children: {', '.join(sub)}{more})" if sub else ""
         lines.append(f"{name}: {type(child).__name__}{inner}")
     shown = "; ".join(lines[:8]) or f"{type(model).__name__} has no submodules"
+    stack = next((n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n), None)
+    example = f"{stack}.*" if stack else "layers.*"
     return (
-        f"the model's top-level modules are: {shown}. Name the blocks with blocks=['layers.*'] (FQN glob), "
+        f"the model's top-level modules are: {shown}. Name the blocks with blocks=['{example}'] (FQN glob), "
         "blocks=MyBlockClass, or blocks=lambda name, module: ..."
     )
 

@@ -17,7 +17,13 @@ import torch.nn as nn
 
 
 class ForwardPatch:
-    """Base class: subclasses implement `__call__` and reach the original forward through `call_inner`."""
+    """Base class: subclasses implement `__call__` and reach the original forward through `call_inner`.
+
+    `rank` orders a chain whatever order the patches were installed in: higher ranks sit outside lower ones.
+    Checkpointing ranks highest, so its recompute replays every other patch exactly as the forward ran them.
+    """
+
+    rank = 0
 
     def __init__(self, module: nn.Module, inner: Callable | None):
         self.module = module
@@ -41,9 +47,16 @@ P = TypeVar("P", bound=ForwardPatch)
 
 
 def install(module: nn.Module, patch_cls: type[P], **state: Any) -> P:
-    """Put a `patch_cls` patch in front of the module's current forward; returns it."""
-    patch = patch_cls(module, module.__dict__.get("forward"), **state)
-    module.forward = patch
+    """Put a `patch_cls` patch into the module's forward chain, outside every patch of lower or equal rank and
+    inside every patch of higher rank; returns it."""
+    chain = _chain(module)
+    outer = [p for p in chain if p.rank > patch_cls.rank]
+    inner = outer[-1].inner if outer else module.__dict__.get("forward")
+    patch = patch_cls(module, inner, **state)
+    if outer:
+        outer[-1].inner = patch
+    else:
+        module.forward = patch
     return patch
 
 

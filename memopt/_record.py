@@ -47,6 +47,15 @@ class Applied:
         else:
             self.configs[technique] = config
 
+    def set(self, technique: str, fqn: str, status: str, detail: str) -> None:
+        """Add or update the entry of (technique, fqn): what a forward found out after `apply`."""
+        entry = Entry(technique, fqn, status, detail)
+        for i, e in enumerate(self.entries):
+            if e.technique == technique and e.fqn == fqn:
+                self.entries[i] = entry
+                return
+        self.entries.append(entry)
+
     def to_dict(self) -> dict[str, Any]:
         return {"entries": [asdict(e) for e in self.entries], "configs": {k: repr(v) for k, v in self.configs.items()}}
 

@@ -16,10 +16,9 @@ import torch.nn as nn
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import checkpoint_config, with_blocks
+from .config import attention_config, checkpoint_config, with_blocks
 
 _NOT_YET = {
-    "attention": "attention='sdpa' conversion",
     "quant": "weight quantization",
     "lora": "LoRA adapters",
 }
@@ -44,7 +43,11 @@ def apply(
             matmul/attention outputs, recompute norms/activations/dropout (less saving, recompute almost free). An int
             ``N``: checkpoint every N-th block. ``"offload"``: full, with the kept inputs in pinned CPU memory (CUDA).
             Or a `memopt.CheckpointConfig`.
-        attention: ``"sdpa"`` (default) routes attention through `scaled_dot_product_attention`; ``None`` leaves it.
+        attention: ``"sdpa"`` (default) routes every attention through `scaled_dot_product_attention`, so no
+            (batch, heads, seq, seq) matrix is kept for backward (O(seq) instead of O(seq^2) memory, same results):
+            transformers models switch to their SDPA implementation, `nn.MultiheadAttention` takes its SDPA path,
+            hand-written ``softmax(q @ k^T) @ v`` is recognised at runtime. ``None`` leaves attention alone. Or a
+            `memopt.AttentionConfig`.
         quant: weight quantization (``"4bit"``, ``"8bit"``, ...); not available yet.
         lora: LoRA adapters; not available yet.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
@@ -61,6 +64,9 @@ def apply(
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
     configs = []
+    attn = attention_config(attention)
+    if attn is not None:
+        configs.append(attn)
     ckpt = checkpoint_config(checkpoint)
     if ckpt is not None:
         configs.append(with_blocks(ckpt, blocks))
@@ -69,8 +75,6 @@ def apply(
     for name, value in (("quant", quant), ("lora", lora)):
         if value is not None:
             raise NotImplementedError(f"{name}={value!r}: {_NOT_YET[name]} is not implemented yet; pass {name}=None")
-    if attention not in (None, "sdpa"):
-        raise ValueError(f"attention={attention!r} is not supported; use 'sdpa' or None")
 
     # Check everything before changing anything: a bad option leaves the model untouched.
     plans = [(transform_for(c), c, transform_for(c).plan(model, c)) for c in configs]

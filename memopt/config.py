@@ -80,6 +80,42 @@ class CheckpointConfig:
         return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention through `torch.nn.functional.scaled_dot_product_attention`: no (batch, heads, seq, seq) matrix kept
+    for backward, so attention's activation memory grows linearly with sequence length instead of quadratically.
+    Same results as eager attention (fp32 rounding apart); with fused kernels usually faster too.
+
+    Args:
+        transformers: switch transformers models to their own SDPA implementation where the architecture has one.
+        multihead: call `nn.MultiheadAttention` with `need_weights=False` (its SDPA path; weights come back None).
+        handwritten: watch modules whose forward calls softmax and run `softmax(q @ k^T ...) @ v` as one SDPA call.
+            Costs a Python-level check per tensor op inside those modules.
+        report_backend: record which SDPA kernel ran over the first two forwards (and warn once about a fall-back to
+            the math kernel). Costs nothing after those forwards.
+    """
+
+    transformers: bool = True
+    multihead: bool = True
+    handwritten: bool = True
+    report_backend: bool = True
+
+    @property
+    def name(self) -> str:
+        return "sdpa"
+
+
+def attention_config(value: Any) -> AttentionConfig | None:
+    """Normalise the ``attention=`` argument of `memopt.apply`."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, AttentionConfig):
+        return value
+    if isinstance(value, str) and value == "sdpa":
+        return AttentionConfig()
+    raise ValueError(f"attention={value!r} is not supported; use 'sdpa', None or memopt.AttentionConfig(...)")
+
+
 _CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
     "full": CheckpointConfig,
     "selective": lambda: CheckpointConfig(policy="selective"),

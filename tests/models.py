@@ -40,7 +40,9 @@ def _causal_lm(config_cls_name: str, **cfg) -> Callable:
             ids = _ids(seed)
             mask = torch.ones_like(ids)
             mask[0, :3] = 0  # left padding on one row
-            return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[0, 3] = -100  # the first real token would be predicted from a pad position
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
         return model, batch, lambda m, b: m(**b).loss
 
@@ -54,13 +56,14 @@ def _masked_lm(config_cls_name: str, model_cls_name: str, **cfg) -> Callable:
         config = getattr(transformers, config_cls_name)(**_COMMON, **cfg)
         for key in ("attention_probs_dropout_prob", "hidden_dropout_prob"):
             setattr(config, key, dropout)
+        config._attn_implementation = "eager"  # as models loaded with attn_implementation="eager"
         model = getattr(transformers, model_cls_name)(config)
 
         def batch(seed: int = 0):
             ids = _ids(seed)
             mask = torch.ones_like(ids)
             mask[1, -4:] = 0  # right padding
-            return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+            return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
         return model, batch, lambda m, b: m(**b).loss
 
@@ -74,6 +77,7 @@ def _t5(dropout: float = 0.0):
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0,
     )
+    config._attn_implementation = "eager"
     model = transformers.T5ForConditionalGeneration(config)
 
     def batch(seed: int = 0):

@@ -47,7 +47,7 @@ def test_apply_returns_the_same_model():
         (dict(checkpoint=True, blocks=nn.LSTM), ValueError, r"blocks=LSTM matched no module"),
         (dict(checkpoint=True, blocks=[3]), TypeError, r"blocks=3 is not supported"),
         (dict(blocks="transformer.h.*"), ValueError, r"checkpoint= is off"),
-        (dict(attention="flash3"), ValueError, r"attention='flash3' is not supported; use 'sdpa' or None"),
+        (dict(attention="flash3"), ValueError, r"attention='flash3' is not supported; use 'sdpa', None or memopt.AttentionConfig"),
         (dict(checkpoint=True, quant="4bit"), NotImplementedError, r"quant='4bit'"),
         (dict(checkpoint=True, lora=8), NotImplementedError, r"lora=8"),
         (dict(checkpoint=memopt.CheckpointConfig(policy="selective", save_ops=("nope_op",))), ValueError, r"'nope_op'"),
@@ -82,7 +82,10 @@ def test_model_without_blocks_gets_a_message_that_says_how_to_name_them():
     with pytest.raises(ValueError, match=r"found no repeated blocks in Sequential.*blocks=\['layers\.\*'\]"):
         memopt.apply(model, checkpoint=True)
     _assert_untouched(model, before)
-    memopt.apply(model, checkpoint=True, blocks=["0", "2"])  # naming them works
+    nested = nn.Sequential(nn.Linear(4, 4), nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(4, 4), nn.Tanh())}))
+    with pytest.raises(ValueError, match=r"blocks=\['1.mlp.\*'\]"):  # the hint names a real stack of the model
+        memopt.apply(nested, checkpoint=True)
+    memopt.apply(model, checkpoint=True, attention=None, blocks=["0", "2"])  # naming them works
     assert list(memopt.applied(model).touched("checkpoint")) == ["0", "2"]
 
 
@@ -100,11 +103,28 @@ def test_applied_lists_touched_and_skipped_with_reasons():
     record = memopt.applied(model)
     text = str(record)
     assert "transformer.h.0" in text and "applied" in text and "skipped" in text and "every=2" in text
-    assert record.to_dict()["entries"][0] == {
+    first = next(e for e in record.to_dict()["entries"] if e["technique"] == "checkpoint")
+    assert first == {
         "technique": "checkpoint", "fqn": "transformer.h.0", "status": "applied",
         "detail": "full,every=2 (Block; found by repeated modules in a ModuleList/Sequential)",
     }
     assert isinstance(record.configs["checkpoint"], memopt.CheckpointConfig)
+
+
+def test_stack_of_sequential_blocks_is_found():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])
+    memopt.apply(model, checkpoint=True, attention=None)
+    assert list(memopt.applied(model).touched("checkpoint")) == ["0", "1", "2"]
+
+
+def test_plain_pytorch_model_does_not_import_transformers():
+    code = (
+        "import sys, torch.nn as nn, memopt\n"
+        "model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])\n"
+        "memopt.apply(model, checkpoint=True, attention=None)\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_shorthands_are_configs():

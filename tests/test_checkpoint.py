@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
 
@@ -15,6 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import memopt
 from memopt.transforms.checkpoint import checkpointed
 from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, NanoGPT, ResBlock, nanogpt
+
+# Checkpointing alone, attention left as built, so every comparison isolates what checkpointing does
+# (attention="sdpa" and its composition with checkpointing are tested in test_attention.py).
+apply_ckpt = functools.partial(memopt.apply, attention=None)
 
 POLICIES = {
     "full": True,
@@ -59,7 +64,7 @@ def test_same_loss_and_gradients(name, policy):
     model, ref, batch, loss_fn = _pair(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # offload on CPU says it behaves as full
-        memopt.apply(model, checkpoint=POLICIES[policy])
+        apply_ckpt(model, checkpoint=POLICIES[policy])
     _assert_same_step(ref, model, batch(0), loss_fn)
 
 
@@ -69,7 +74,7 @@ def test_bitwise_equal_to_transformers_own_checkpointing(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     hf_loss, hf_grads = _step(hf, batch(0), loss_fn)
     loss, grads = _step(model, batch(0), loss_fn)
     assert torch.equal(loss, hf_loss)
@@ -80,7 +85,7 @@ def test_bitwise_equal_to_transformers_own_checkpointing(name):
 @pytest.mark.parametrize("name", list(ALL_MODELS))
 def test_blocks_found(name):
     model, *_ = ALL_MODELS[name]()
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     blocks = memopt.applied(model).touched("checkpoint")
     assert len(blocks) == EXPECTED_BLOCKS[name]
     types = {type(model.get_submodule(fqn)) for fqn in blocks}
@@ -104,13 +109,13 @@ def test_nested_stacks_pick_the_inner_blocks_of_each_stage():
         nn.Sequential(ResBlock(8), ResBlock(8), ResBlock(8)),
         nn.Flatten(), nn.LazyLinear(4) if False else nn.Identity(),
     )
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     assert list(memopt.applied(model).touched("checkpoint")) == ["1.0", "1.1", "2.0", "2.1", "2.2"]
 
 
 def test_every_n_checkpoints_blocks_0_n_2n():
     model, *_ = ALL_MODELS["llama"]()
-    memopt.apply(model, checkpoint=2)
+    apply_ckpt(model, checkpoint=2)
     record = memopt.applied(model)
     assert list(record.touched("checkpoint")) == ["model.layers.0", "model.layers.2"]
     assert list(record.skipped("checkpoint")) == ["model.layers.1"]
@@ -122,7 +127,7 @@ def test_state_dict_and_fqns_unchanged(name):
     model, ref, batch, loss_fn = _pair(name)
     modules_before = [n for n, _ in model.named_modules()]
     keys_before = list(model.state_dict())
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     assert [n for n, _ in model.named_modules()] == modules_before
     assert list(model.state_dict()) == keys_before
     # A checkpointed model's state_dict loads into an unmodified one, and back, strictly.
@@ -132,7 +137,7 @@ def test_state_dict_and_fqns_unchanged(name):
             p.add_(0.01)
     ref.load_state_dict(model.state_dict(), strict=True)
     fresh, *_ = ALL_MODELS[name]()
-    memopt.apply(fresh, checkpoint=True)
+    apply_ckpt(fresh, checkpoint=True)
     fresh.load_state_dict(ref.state_dict(), strict=True)
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
@@ -145,7 +150,7 @@ def test_frozen_embeddings_and_frozen_inputs(name):
         for n, p in m.named_parameters():
             if "wte" in n or "embed" in n or "word_embeddings" in n or "lm_head" in n:
                 p.requires_grad_(False)
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     _assert_same_step(ref, model, batch(0), loss_fn)
     _, grads = _step(model, batch(0), loss_fn)
     first_block = next(iter(memopt.applied(model).touched("checkpoint")))
@@ -159,14 +164,14 @@ def test_frozen_block_inputs_with_lora_style_training():
     for m in (model, ref):
         for n, p in m.named_parameters():
             p.requires_grad_("v_proj" in n)
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     _assert_same_step(ref, model, batch(0), loss_fn)
 
 
 def test_use_cache_off_in_training_and_back_for_generate():
     model, ref, batch, loss_fn = _pair("llama", dropout=0.0)
     model.config.use_cache = True
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     b = batch(0)
     model.train()
     out = model(**b)
@@ -208,7 +213,7 @@ def test_recompute_proven_by_flops():
     for policy in ("none", "full", "selective", "every2"):
         model = copy.deepcopy(base)
         if policy != "none":
-            memopt.apply(model, checkpoint={"full": True, "selective": "selective", "every2": 2}[policy])
+            apply_ckpt(model, checkpoint={"full": True, "selective": "selective", "every2": 2}[policy])
         results[policy] = (_forward_flops(model, b, loss_fn), _backward_flops(model, b, loss_fn))
     fwd, bwd = results["none"]
     assert all(f == fwd for f, _ in results.values())  # forward does the same work under every policy
@@ -228,7 +233,7 @@ def test_recompute_proven_by_flops():
 def test_eval_and_no_grad_pay_no_recompute():
     base, _, batch, loss_fn = _pair("llama", dropout=0.0)
     model = copy.deepcopy(base)
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     b = batch(0)
     # eval() with grad (e.g. saliency maps): backward does not recompute.
     assert _backward_flops(model, b, loss_fn, train=False) == _backward_flops(base, b, loss_fn, train=False)
@@ -267,7 +272,7 @@ def test_peak_memory_falls_measured_by_memtracker():
     for policy in (None, True, "selective", 2):
         model = copy.deepcopy(base)
         if policy is not None:
-            memopt.apply(model, checkpoint=policy)
+            apply_ckpt(model, checkpoint=policy)
         peaks[policy] = _peak_bytes(model, b, loss_fn)
     total = {k: v["Total"] for k, v in peaks.items()}
     act = {k: v["ACT"] for k, v in peaks.items()}
@@ -281,18 +286,18 @@ def test_apply_twice_is_harmless_and_remove_undoes():
     base, _, batch, loss_fn = _pair("llama", dropout=0.0)
     b = batch(0)
     once = copy.deepcopy(base)
-    memopt.apply(once, checkpoint=True)
+    apply_ckpt(once, checkpoint=True)
     twice = copy.deepcopy(base)
-    memopt.apply(twice, checkpoint=True)
-    memopt.apply(twice, checkpoint=True)
+    apply_ckpt(twice, checkpoint=True)
+    apply_ckpt(twice, checkpoint=True)
     assert _backward_flops(twice, b, loss_fn) == _backward_flops(once, b, loss_fn)  # not nested
     assert memopt.applied(twice).touched("checkpoint") == memopt.applied(once).touched("checkpoint")
     # A second apply with another policy replaces the first.
-    memopt.apply(twice, checkpoint="selective")
+    apply_ckpt(twice, checkpoint="selective")
     assert all("selective" in d for d in memopt.applied(twice).touched("checkpoint").values())
     assert _backward_flops(twice, b, loss_fn) == _backward_flops(base, b, loss_fn)
     # apply(checkpoint=False) leaves existing checkpointing alone; remove() undoes it.
-    memopt.apply(twice, checkpoint=False)
+    apply_ckpt(twice, checkpoint=False)
     assert checkpointed(twice.model.layers[0])
     memopt.remove(twice)
     assert not any(checkpointed(m) for m in twice.modules())
@@ -305,24 +310,24 @@ def test_apply_twice_is_harmless_and_remove_undoes():
 
 def test_blocks_by_fqn_glob_class_and_predicate():
     model, *_ = nanogpt()
-    memopt.apply(model, checkpoint=True, blocks="transformer.h.*")
+    apply_ckpt(model, checkpoint=True, blocks="transformer.h.*")
     assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}" for i in range(3)]
     model, *_ = nanogpt()
-    memopt.apply(model, checkpoint=True, blocks=["transformer.h.0", "transformer.h.2"])
+    apply_ckpt(model, checkpoint=True, blocks=["transformer.h.0", "transformer.h.2"])
     assert list(memopt.applied(model).touched("checkpoint")) == ["transformer.h.0", "transformer.h.2"]
     model, *_ = nanogpt()
     from models import CausalSelfAttention
 
-    memopt.apply(model, checkpoint=True, blocks=CausalSelfAttention)
+    apply_ckpt(model, checkpoint=True, blocks=CausalSelfAttention)
     assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}.attn" for i in range(3)]
     model, *_ = nanogpt()
-    memopt.apply(model, checkpoint=memopt.CheckpointConfig(blocks=lambda name, m: name.endswith(".mlp")))
+    apply_ckpt(model, checkpoint=memopt.CheckpointConfig(blocks=lambda name, m: name.endswith(".mlp")))
     assert list(memopt.applied(model).touched("checkpoint")) == [f"transformer.h.{i}.mlp" for i in range(3)]
 
 
 def test_checkpointed_model_deepcopies_and_pickles():
     model, ref, batch, loss_fn = _pair("gpt2", dropout=0.1)
-    memopt.apply(model, checkpoint=True)
+    apply_ckpt(model, checkpoint=True)
     clone = copy.deepcopy(model)
     assert clone.transformer.h[0].forward.module is clone.transformer.h[0]
     buf = io.BytesIO()
@@ -340,17 +345,17 @@ def test_offload_on_cpu_behaves_as_full_and_says_so_once():
     _log._warned.discard("offload-cpu")
     model, *_ = nanogpt()
     with pytest.warns(UserWarning, match="behaves as checkpoint='full'") as record:
-        memopt.apply(model, checkpoint="offload")
+        apply_ckpt(model, checkpoint="offload")
     assert record[0].filename == __file__  # stacklevel points at the caller's apply()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        memopt.apply(nanogpt()[0], checkpoint="offload")  # once per process
+        apply_ckpt(nanogpt()[0], checkpoint="offload")  # once per process
 
 
 @pytest.mark.gpu
 def test_offload_on_cuda_moves_block_inputs_to_cpu():
     model, ref, batch, loss_fn = _pair("llama", dropout=0.0)
     model, ref = model.cuda(), ref.cuda()
-    memopt.apply(model, checkpoint="offload")
+    apply_ckpt(model, checkpoint="offload")
     b = {k: v.cuda() for k, v in batch(0).items()}
     _assert_same_step(ref, model, b, loss_fn)

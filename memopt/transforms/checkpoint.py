@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._log import logger, warn_once
-from .._modules import find_blocks, no_blocks_message, select_modules
+from .._modules import find_blocks, no_blocks_message, select_modules, transformers_class
 from .._patch import ForwardPatch, find, install, uninstall
 from .._record import Entry
 from .._registry import register_transform
@@ -67,6 +67,8 @@ def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
 
 class _Checkpointed(ForwardPatch):
     """A checkpointed block's forward."""
+
+    rank = 100  # outermost: the recompute must replay the other patches (attention) as the forward ran them
 
     def __init__(self, module: nn.Module, inner: Callable | None, config: CheckpointConfig, context_fn: Callable | None):
         super().__init__(module, inner)
@@ -127,9 +129,8 @@ _USE_CACHE_MSG = (
 
 def _cache_models(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
     """transformers models in the tree whose forward takes `use_cache`, with its positional index (self excluded)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    PreTrainedModel = transformers_class("PreTrainedModel")
+    if PreTrainedModel is None:
         return []
     found = []
     for name, module in model.named_modules():
