@@ -48,18 +48,18 @@ def hf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return []
     return [(n, m) for n, m in model.named_modules() if isinstance(m, layer_cls)]
 
-def _repeated_children(model: nn.Module, containers: bool = False) -> list[tuple[str, nn.Module]]:
+def _repeated_children(model: nn.Module, containers: bool = False, least: int = 2) -> list[tuple[str, nn.Module]]:
     """Children of a ModuleList/Sequential whose class occurs at least twice there and that hold parameters in
     submodules of their own (so a Sequential(Linear, ReLU, Linear) is not a stack of two "blocks"). Containers
     among them count only with `containers=True` (a stack of nn.Sequential blocks with nothing repeated inside)."""
     found = []
     for name, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(container, nn.ModuleList if least < 2 else (nn.ModuleList, nn.Sequential)):
             continue
         children = list(container.named_children())
         counts = Counter(type(c) for _, c in children)
         for child_name, child in children:
-            if counts[type(child)] < 2 or isinstance(child, _CONTAINERS) != containers:
+            if counts[type(child)] < least or isinstance(child, _CONTAINERS) != containers:
                 continue
             if next(child.children(), None) is None or not _has_params(child):
                 continue
@@ -72,7 +72,8 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
     transformers models: the `GradientCheckpointingLayer` instances (the decoder/encoder layers of every stack).
     Anything else: the children of an `nn.ModuleList`/`nn.Sequential` that repeat a class there, outermost ones only
     (a Mixtral-style expert list inside a decoder layer is not picked; the decoder layers are), searching through
-    nested containers; failing that, a run of `nn.Sequential` blocks (``Sequential(*[Sequential(Linear, ReLU)] * n)``).
+    nested containers; failing that, a run of `nn.Sequential` blocks (``Sequential(*[Sequential(Linear, ReLU)] * n)``);
+    failing that, the layers of a one-element ModuleList (ALBERT applies its one shared layer at every depth).
     """
     hf = outermost(hf_layers(model))
     if hf:
@@ -80,7 +81,11 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
     found = outermost(_repeated_children(model))
     if found:
         return found, "repeated modules in a ModuleList/Sequential"
-    return outermost(_repeated_children(model, containers=True)), "repeated nn.Sequential blocks"
+    found = outermost(_repeated_children(model, containers=True))
+    if found:
+        return found, "repeated nn.Sequential blocks"
+    # Last: a layer kept in a ModuleList on its own, as ALBERT keeps the one layer it applies at every depth.
+    return outermost(_repeated_children(model, least=1)), "a ModuleList's layer (weights shared across depth)"
 
 def _as_list(spec: Any) -> list:
     if isinstance(spec, (list, tuple, set, frozenset)):

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import memopt
 from memopt.transforms.checkpoint import checkpointed
-from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, NanoGPT, ResBlock, nanogpt
+from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, VOCAB, ResBlock, nanogpt
 
 # Checkpointing alone, attention left as built, so every comparison isolates what checkpointing does
 # (attention="sdpa" and its composition with checkpointing are tested in test_attention.py).
@@ -111,6 +111,44 @@ def test_nested_stacks_pick_the_inner_blocks_of_each_stage():
     )
     apply_ckpt(model, checkpoint=True)
     assert list(memopt.applied(model).touched("checkpoint")) == ["1.0", "1.1", "2.0", "2.1", "2.2"]
+
+
+class MutatingBlock(nn.Module):
+    """Mutates matmul outputs in place (as ConvBERT and Funnel do), which selective checkpointing caches."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += 1.0
+        h.mul_(0.5)
+        return x + self.b(torch.tanh(h))
+
+
+def test_selective_recomputes_outputs_mutated_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[MutatingBlock() for _ in range(3)])
+    ref = copy.deepcopy(model)
+    apply_ckpt(model, checkpoint="selective")
+    x = torch.randn(4, 16)
+    _assert_same_step(ref, model, {"x": x}, lambda m, b: m(b["x"]).pow(2).sum())
+
+
+def test_albert_shared_layer_is_checkpointed():
+    import transformers
+
+    config = transformers.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.AlbertForMaskedLM(config)
+    ref = copy.deepcopy(model)
+    apply_ckpt(model, checkpoint=True)
+    assert list(memopt.applied(model).touched("checkpoint")) == ["albert.encoder.albert_layer_groups.0"]
+    ids = torch.randint(0, VOCAB, (2, 16))
+    _assert_same_step(ref, model, {"input_ids": ids, "labels": ids}, lambda m, b: m(**b).loss)
 
 
 def test_every_n_checkpoints_blocks_0_n_2n():

@@ -26,3 +26,24 @@ def test_checkpoint_benchmark_runs():
     out = _run("benchmarks/checkpoint.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seq", "64",
                "--steps", "1")
     assert out.count("| memopt") == 3 and "transformers gradient_checkpointing_enable" in out
+
+
+def test_attention_benchmark_runs():
+    out = _run("benchmarks/attention.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seqs", "64", "128",
+               "--steps", "1")
+    assert "| 64 |" in out and "| 128 |" in out
+
+
+def test_cli_inspect(tmp_path):
+    import transformers
+
+    transformers.LlamaConfig(hidden_size=64, num_hidden_layers=3, intermediate_size=128, num_attention_heads=4,
+                             vocab_size=128).save_pretrained(tmp_path)
+    out = _run("-m", "memopt", "inspect", str(tmp_path / "config.json"), "--checkpoint", "2")
+    assert "model.layers.0" in out and "every=2" in out and "'eager' -> 'sdpa'" in out
+    bad = subprocess.run([sys.executable, "-m", "memopt", "inspect", str(tmp_path / "nope.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip() == f"memopt: config file not found: {tmp_path / 'nope.json'}"
+    bad = subprocess.run([sys.executable, "-m", "memopt", "inspect", str(tmp_path / "config.json"), "--checkpoint",
+                          "weird"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "checkpoint='weird' is not supported" in bad.stderr

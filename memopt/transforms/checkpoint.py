@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._log import logger, warn_once
@@ -58,6 +59,39 @@ def _selective_policy(save: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: 
     return CheckpointPolicy.MUST_SAVE if packet in save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class _SelectiveContexts:
+    """`context_fn` for selective checkpointing that remembers the cache of the last forward, so that outputs the
+    block mutated in place afterwards (ConvBERT's, Funnel's `x += bias` on a matmul output) can be dropped from the
+    cache and recomputed instead: PyTorch would otherwise raise "Tensor cached during selective activation checkpoint
+    has been mutated" in backward."""
+
+    def __init__(self, policy: Callable):
+        self.policy = policy
+        self.storage: dict | None = None
+
+    def __call__(self) -> tuple:
+        caching, cached = create_selective_checkpoint_contexts(self.policy)
+        self.storage = getattr(caching, "storage", None)
+        return caching, cached
+
+    def drop_mutated(self) -> int:
+        """Mark cached outputs whose tensors changed since they were cached for recompute; returns how many."""
+        from torch.utils import checkpoint as ckpt
+
+        recompute, wrapper = getattr(ckpt, "_RECOMPUTE", None), getattr(ckpt, "_VersionWrapper", None)
+        if self.storage is None or recompute is None or wrapper is None:
+            return 0
+        dropped = 0
+        for entries in self.storage.values():
+            for idx, entry in list(entries.items()):
+                leaves = tree_leaves(entry) if entry is not recompute else []
+                if any(isinstance(w, wrapper) and w.version is not None and w.val._version != w.version for w in leaves):
+                    entries[idx] = recompute
+                    dropped += 1
+        self.storage = None
+        return dropped
+
+
 def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -89,6 +123,13 @@ class _Checkpointed(ForwardPatch):
             determinism_check=self.config.determinism_check,
             **extra,
         )
+        out = self._run(run, args, kwargs)
+        if isinstance(self.context_fn, _SelectiveContexts) and self.context_fn.drop_mutated():
+            logger.info("memopt: %s mutates matmul outputs in place; those are recomputed, not kept",
+                        type(self.module).__name__)
+        return out
+
+    def _run(self, run: Callable, args: tuple, kwargs: dict) -> Any:
         if self.config.offload:
             device = _first_tensor_device(args, kwargs)
             if device is not None and device.type != "cpu":
@@ -99,7 +140,7 @@ class _Checkpointed(ForwardPatch):
                 "offload-cpu",
                 "checkpoint='offload' on a model running on the CPU behaves as checkpoint='full': the kept block "
                 "inputs already live in host memory",
-                stacklevel=4,
+                stacklevel=5,
             )
         return run(*args, **kwargs)
 
@@ -159,7 +200,7 @@ def _plan(model: nn.Module, config: CheckpointConfig) -> _Plan:
     context_fn = None
     if config.policy == "selective":
         save = _save_packets(config.save_ops or DEFAULT_SAVE_OPS)
-        context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_selective_policy, save))
+        context_fn = _SelectiveContexts(functools.partial(_selective_policy, save))
     return _Plan(blocks, found_by, context_fn)
 
 
