@@ -116,12 +116,21 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         self.register_buffer("bias", torch.tril(torch.ones(SEQ * 4, SEQ * 4)).view(1, 1, SEQ * 4, SEQ * 4))
 
-    def forward(self, x):
+    def heads(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def merge(self, y):
+        B, nh, T, hs = y.shape
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
         att = self.attn_dropout(F.softmax(att, dim=-1))

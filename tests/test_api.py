@@ -124,7 +124,7 @@ def test_plain_pytorch_model_does_not_import_transformers():
         "memopt.apply(model, checkpoint=True, attention=None)\n"
         "assert 'transformers' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    _python(code)
 
 
 def test_shorthands_are_configs():
@@ -145,4 +145,8 @@ def test_import_is_light():
         "assert not heavy, heavy\n"
         "assert not torch.cuda.is_initialized()\n"
     )
+    _python(code)
+
+
+def _python(code: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -276,27 +276,18 @@ def test_unrecognised_attention_is_listed_with_reason_and_register_attention_con
 
 class ReturnsWeights(CausalSelfAttention):
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)
-        v = v.view(B, T, self.nh, C // self.nh).transpose(1, 2)
+        q, k, v = self.heads(x)
         att = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1)  # (B, nh, T, T)
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y), att
+        return self.merge(att @ v), att
 
 
 class FiniteMask(CausalSelfAttention):
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)
-        v = v.view(B, T, self.nh, C // self.nh).transpose(1, 2)
+        T = x.shape[1]
+        q, k, v = self.heads(x)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, -1e9)  # finite fill: not exactly SDPA's -inf
-        y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        return self.merge(F.softmax(att, dim=-1) @ v)
 
 
 @pytest.mark.parametrize(
@@ -318,15 +309,12 @@ def test_attention_kept_as_written_when_the_pattern_does_not_fit(cls, reason):
 def test_in_place_ops_on_scores_stay_correct():
     class InPlace(CausalSelfAttention):
         def forward(self, x):
-            B, T, C = x.shape
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)
-            q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)
-            v = v.view(B, T, self.nh, C // self.nh).transpose(1, 2)
+            T = x.shape[1]
+            q, k, v = self.heads(x)
             att = q @ k.transpose(-2, -1)
             att.mul_(0.5)  # unrecognised in-place op: must act on the real scores
             att.masked_fill_(self.bias[:, :, :T, :T] == 0, float("-inf"))
-            return self.c_proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+            return self.merge(att.softmax(-1) @ v)
 
     torch.manual_seed(0)
     model = InPlace(32, 4, 0.0)
