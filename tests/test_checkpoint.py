@@ -137,6 +137,81 @@ def test_selective_recomputes_outputs_mutated_in_place():
     _assert_same_step(ref, model, {"x": x}, lambda m, b: m(b["x"]).pow(2).sum())
 
 
+class Matmul3dInPlace(nn.Module):
+    """Writes in place into a view of a kept matmul output (torch.matmul on batched inputs returns a view of a bmm
+    result that has its own version counter), as Nystromformer does: PyTorch's own check cannot see it."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=False)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):  # (B, T, d)
+        ctx = torch.matmul(self.q(x), x.transpose(-1, -2)) @ x  # (B, T, d), a view of a bmm output
+        ctx += x
+        return self.out(torch.tanh(ctx))
+
+
+def test_selective_recomputes_views_of_kept_outputs_written_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(Matmul3dInPlace(), Matmul3dInPlace())
+    ref = copy.deepcopy(model)
+    apply_ckpt(model, checkpoint="selective")
+    _assert_same_step(ref, model, {"x": torch.randn(2, 5, 8)}, lambda m, b: m(b["x"]).square().mean())
+
+
+@pytest.mark.parametrize("policy", [True, "selective"])
+def test_buffers_updated_in_forward_are_updated_once(policy):
+    # BatchNorm's running statistics: the recompute must neither update them again nor see them updated.
+    model, ref, batch, loss_fn = _pair("resnet")
+    apply_ckpt(model, checkpoint=policy)
+    for _ in range(2):
+        _assert_same_step(ref, model, batch(0), loss_fn)
+        for (n, a), b in zip(ref.named_buffers(), model.buffers()):
+            assert torch.equal(a, b), n
+
+
+class XlmStyleCache(nn.Module):
+    """A stack whose layers get a transformers Cache object they write to, with no use_cache switch (XLM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.attn = nn.ModuleList([KvLayer() for _ in range(2)])
+
+    def forward(self, x):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, layer in enumerate(self.attn):
+            x = layer(x, i, cache=cache)
+        return x.square().mean()
+
+
+class KvLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Linear(8, 8)
+
+    def forward(self, x, i, cache=None):  # x: (B, T, 8)
+        k = self.k(x).unsqueeze(1)  # (B, 1, T, 8)
+        if cache is not None:
+            k, _ = cache.update(k, k, i)
+        return x + torch.softmax(x.unsqueeze(1) @ k.transpose(-1, -2), -1).squeeze(1) @ x
+
+
+def test_cache_objects_are_not_written_twice_by_the_recompute():
+    torch.manual_seed(0)
+    model = XlmStyleCache()
+    ref = copy.deepcopy(model)
+    apply_ckpt(model, checkpoint=True, blocks="attn.*")
+    model.train()
+    loss = model(torch.randn(2, 4, 8))
+    loss.backward()  # with the cache written twice, the recompute's keys would be 8 long, not 4: an error
+    assert all(p.grad is not None for p in model.attn.parameters())
+    assert ref  # the reference keeps its cache: eval/no-grad and unmodified models are not touched
+
+
 def test_albert_shared_layer_is_checkpointed():
     import transformers
 

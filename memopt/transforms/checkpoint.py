@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -54,42 +55,72 @@ def _save_packets(names: tuple[str, ...]) -> frozenset:
     return frozenset(getattr(torch.ops.aten, n) for n in names)
 
 
-def _selective_policy(save: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    packet = getattr(op, "overloadpacket", op)
-    return CheckpointPolicy.MUST_SAVE if packet in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class _SelectiveContexts:
-    """`context_fn` for selective checkpointing that remembers the cache of the last forward, so that outputs the
-    block mutated in place afterwards (ConvBERT's, Funnel's `x += bias` on a matmul output) can be dropped from the
-    cache and recomputed instead: PyTorch would otherwise raise "Tensor cached during selective activation checkpoint
-    has been mutated" in backward."""
+    """`context_fn` of selective checkpointing, and its policy.
 
-    def __init__(self, policy: Callable):
-        self.policy = policy
+    Besides choosing what to keep (`save`), it notes which storages the block's forward writes in place and which
+    storages the kept outputs live in. Outputs written after they were kept (ConvBERT's and Funnel's `x += bias` on a
+    matmul output, Nystromformer's `ctx += conv(v)` on a view of one) are dropped from the cache and recomputed:
+    PyTorch's own check only sees writes through the very tensor it cached (its version counter), not through views
+    such as the one `torch.matmul` returns for batched inputs, and a stale cache entry means wrong gradients.
+    """
+
+    def __init__(self, save: frozenset):
+        self.save = save
         self.storage: dict | None = None
+        self.kept: dict[int, int] = {}  # storage data_ptr -> op index when an output living there was kept
+        self.written: dict[int, int] = {}  # storage data_ptr -> op index of the last in-place write
+        self.index = 0
 
     def __call__(self) -> tuple:
         caching, cached = create_selective_checkpoint_contexts(self.policy)
         self.storage = getattr(caching, "storage", None)
+        self.kept, self.written, self.index = {}, {}, 0
         return caching, cached
 
+    def policy(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        packet = getattr(op, "overloadpacket", op)
+        keep = packet in self.save
+        if ctx.is_recompute:
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+        self.index += 1
+        schema = getattr(op, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            for arg, value in zip(schema.arguments, (*args, *kwargs.values())):
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                    self.written[_storage_ptr(value)] = self.index
+        if keep:
+            for out in tree_leaves(ctx.op_output):
+                if isinstance(out, torch.Tensor):
+                    self.kept[_storage_ptr(out)] = self.index
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
     def drop_mutated(self) -> int:
-        """Mark cached outputs whose tensors changed since they were cached for recompute; returns how many."""
+        """After the forward: recompute every kept output whose storage was written after it was kept."""
         from torch.utils import checkpoint as ckpt
 
         recompute, wrapper = getattr(ckpt, "_RECOMPUTE", None), getattr(ckpt, "_VersionWrapper", None)
-        if self.storage is None or recompute is None or wrapper is None:
+        stale = {ptr for ptr, kept_at in self.kept.items() if self.written.get(ptr, -1) > kept_at}
+        if self.storage is None or recompute is None or wrapper is None or not stale:
+            self.storage = None
             return 0
         dropped = 0
         for entries in self.storage.values():
             for idx, entry in list(entries.items()):
-                leaves = tree_leaves(entry) if entry is not recompute else []
-                if any(isinstance(w, wrapper) and w.version is not None and w.val._version != w.version for w in leaves):
+                leaves = [w for w in tree_leaves(entry) if isinstance(w, wrapper) and isinstance(w.val, torch.Tensor)]
+                if any(_storage_ptr(w.val) in stale for w in leaves):
                     entries[idx] = recompute
                     dropped += 1
         self.storage = None
         return dropped
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, meta)
+        return id(t)
 
 
 def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
@@ -97,6 +128,62 @@ def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
         if isinstance(value, torch.Tensor):
             return value.device
     return None
+
+
+_BUFFER_GUARD_BYTES = 4 * 2**20  # blocks with more buffer bytes than this are not guarded (a snapshot per forward)
+
+
+class _BufferGuard:
+    """Buffers a block's forward updates (BatchNorm running statistics, I-BERT's activation ranges) must not be
+    updated a second time by the recompute, and the recompute must see them as the forward did. The guard snapshots
+    the block's buffers before the forward, keeps the snapshot of those the forward changed, and runs the recompute
+    with those values, putting the post-forward values back afterwards."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+        self.versions = [b._version for b in buffers]
+        self.before: list[torch.Tensor | None] = [b.detach().clone() for b in buffers]
+        self.calls = 0
+
+    def settle(self) -> None:
+        """After the forward: forget the snapshots of buffers it did not change. Values are compared, not only
+        version counters: batch_norm updates its running statistics without bumping theirs."""
+        self.before = [
+            v if b._version != n or not torch.equal(b, v) else None
+            for b, n, v in zip(self.buffers, self.versions, self.before)
+        ]
+
+    def run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        changed = [(b, v) for b, v in zip(self.buffers, self.before) if v is not None]
+        if self.calls == 1 or not changed:
+            return inner(*args, **kwargs)
+        # Outside selective checkpointing's dispatch modes: these copies are not part of the block's recorded ops.
+        with torch.no_grad(), _disable_current_modes():
+            after = [b.detach().clone() for b, _ in changed]
+            for b, v in changed:
+                b.copy_(v)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            with torch.no_grad(), _disable_current_modes():
+                for (b, _), a in zip(changed, after):
+                    b.copy_(a)
+
+
+def _drop_caches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A KV cache handed to a checkpointed block would be written again by the recompute (keys twice as long):
+    training steps run the block without it, as transformers' GradientCheckpointingLayer does."""
+    cache_cls = transformers_class("Cache")
+    if cache_cls is None or getattr(module, "_can_checkpoint_with_cache", False):
+        return args, kwargs
+    if any(isinstance(a, cache_cls) for a in args):
+        args = tuple(None if isinstance(a, cache_cls) else a for a in args)
+    if any(isinstance(v, cache_cls) for v in kwargs.values()) or kwargs.get("use_cache"):
+        kwargs = {k: None if isinstance(v, cache_cls) else v for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+    return args, kwargs
 
 
 class _Checkpointed(ForwardPatch):
@@ -114,6 +201,12 @@ class _Checkpointed(ForwardPatch):
         # eval() and no_grad: nothing will be recomputed, so run as is (no RNG stash, no bookkeeping).
         if not (self.module.training and torch.is_grad_enabled()):
             return inner(*args, **kwargs)
+        args, kwargs = _drop_caches(self.module, args, kwargs)
+        buffers = list(self.module.buffers())
+        guard = None
+        if buffers and sum(b.numel() * b.element_size() for b in buffers) <= _BUFFER_GUARD_BYTES:
+            guard = _BufferGuard(buffers)
+            inner = functools.partial(guard.run, inner)
         extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
         run = functools.partial(
             checkpoint,
@@ -124,6 +217,8 @@ class _Checkpointed(ForwardPatch):
             **extra,
         )
         out = self._run(run, args, kwargs)
+        if guard is not None:
+            guard.settle()
         if isinstance(self.context_fn, _SelectiveContexts) and self.context_fn.drop_mutated():
             logger.info("memopt: %s mutates matmul outputs in place; those are recomputed, not kept",
                         type(self.module).__name__)
@@ -200,7 +295,7 @@ def _plan(model: nn.Module, config: CheckpointConfig) -> _Plan:
     context_fn = None
     if config.policy == "selective":
         save = _save_packets(config.save_ops or DEFAULT_SAVE_OPS)
-        context_fn = _SelectiveContexts(functools.partial(_selective_policy, save))
+        context_fn = _SelectiveContexts(save)
     return _Plan(blocks, found_by, context_fn)
 
 
