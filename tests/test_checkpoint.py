@@ -171,6 +171,32 @@ def test_buffers_updated_in_forward_are_updated_once(policy):
             assert torch.equal(a, b), n
 
 
+class RangeTracker(nn.Module):
+    """Reassigns a buffer in forward and reads it (I-BERT's activation-range tracking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("x_max", torch.ones(()))
+
+    def forward(self, x):
+        self.x_max = self.x_max * 0.5 + x.detach().abs().max() * 0.5  # running range, momentum 0.5
+        return x + self.lin(x / self.x_max)
+
+
+@pytest.mark.parametrize("policy", [True, "selective"])
+def test_buffers_reassigned_in_forward_are_seen_by_the_recompute_as_by_the_forward(policy):
+    torch.manual_seed(0)
+    model = nn.Sequential(RangeTracker(), RangeTracker())
+    ref = copy.deepcopy(model)
+    apply_ckpt(model, checkpoint=policy)
+    for seed in range(2):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)) * (seed + 2)
+        _assert_same_step(ref, model, {"x": x}, lambda m, b: m(b["x"]).square().mean())
+        for (n, a), b in zip(ref.named_buffers(), model.buffers()):
+            assert torch.equal(a, b), n
+
+
 class XlmStyleCache(nn.Module):
     """A stack whose layers get a transformers Cache object they write to, with no use_cache switch (XLM)."""
 

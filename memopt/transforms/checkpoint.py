@@ -136,39 +136,45 @@ _BUFFER_GUARD_BYTES = 4 * 2**20  # blocks with more buffer bytes than this are n
 class _BufferGuard:
     """Buffers a block's forward updates (BatchNorm running statistics, I-BERT's activation ranges) must not be
     updated a second time by the recompute, and the recompute must see them as the forward did. The guard snapshots
-    the block's buffers before the forward, keeps the snapshot of those the forward changed, and runs the recompute
-    with those values, putting the post-forward values back afterwards."""
+    the block's buffers before the forward, keeps the snapshots of those the forward changed (in place, or by
+    assigning a new tensor), runs the recompute with those values and puts the post-forward ones back afterwards."""
 
-    def __init__(self, buffers: list[torch.Tensor]):
-        self.buffers = buffers
-        self.versions = [b._version for b in buffers]
-        self.before: list[torch.Tensor | None] = [b.detach().clone() for b in buffers]
+    def __init__(self, module: nn.Module):
+        # (owner, name, tensor before the forward, its version, a copy of its values)
+        self.slots = [
+            (owner, name, t, t._version, t.detach().clone())
+            for owner in module.modules()
+            for name, t in owner._buffers.items()
+            if t is not None
+        ]
         self.calls = 0
 
     def settle(self) -> None:
-        """After the forward: forget the snapshots of buffers it did not change. Values are compared, not only
-        version counters: batch_norm updates its running statistics without bumping theirs."""
-        self.before = [
-            v if b._version != n or not torch.equal(b, v) else None
-            for b, n, v in zip(self.buffers, self.versions, self.before)
+        """After the forward: forget the buffers it did not change. Values are compared, not only version counters:
+        batch_norm updates its running statistics without bumping theirs."""
+        self.slots = [
+            slot for slot in self.slots
+            if slot[0]._buffers.get(slot[1]) is not slot[2] or slot[2]._version != slot[3] or not torch.equal(slot[2], slot[4])
         ]
 
     def run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        changed = [(b, v) for b, v in zip(self.buffers, self.before) if v is not None]
-        if self.calls == 1 or not changed:
+        if self.calls == 1 or not self.slots:
             return inner(*args, **kwargs)
         # Outside selective checkpointing's dispatch modes: these copies are not part of the block's recorded ops.
         with torch.no_grad(), _disable_current_modes():
-            after = [b.detach().clone() for b, _ in changed]
-            for b, v in changed:
-                b.copy_(v)
+            after = []
+            for owner, name, _, _, before in self.slots:
+                current = owner._buffers[name]
+                after.append((current, current.detach().clone()))
+                owner._buffers[name] = before.clone()
         try:
             return inner(*args, **kwargs)
         finally:
             with torch.no_grad(), _disable_current_modes():
-                for (b, _), a in zip(changed, after):
-                    b.copy_(a)
+                for (owner, name, *_), (current, values) in zip(self.slots, after):
+                    current.copy_(values)
+                    owner._buffers[name] = current
 
 
 def _drop_caches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -205,7 +211,7 @@ class _Checkpointed(ForwardPatch):
         buffers = list(self.module.buffers())
         guard = None
         if buffers and sum(b.numel() * b.element_size() for b in buffers) <= _BUFFER_GUARD_BYTES:
-            guard = _BufferGuard(buffers)
+            guard = _BufferGuard(self.module)
             inner = functools.partial(guard.run, inner)
         extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
         run = functools.partial(
