@@ -6,8 +6,8 @@
 """
 
 from .api import applied, apply, remove
-from .config import AttentionConfig, CheckpointConfig
+from .config import AttentionConfig, CheckpointConfig, QuantConfig
 from .transforms.attention import register_attention
 
-__all__ = ["apply", "applied", "remove", "register_attention", "AttentionConfig", "CheckpointConfig"]
+__all__ = ["apply", "applied", "remove", "register_attention", "AttentionConfig", "CheckpointConfig", "QuantConfig"]
 __version__ = "0.1.0"

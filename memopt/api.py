@@ -16,10 +16,9 @@ import torch.nn as nn
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import attention_config, checkpoint_config, with_blocks
+from .config import attention_config, checkpoint_config, quant_config, with_blocks
 
 _NOT_YET = {
-    "quant": "weight quantization",
     "lora": "LoRA adapters",
 }
 
@@ -48,7 +47,9 @@ def apply(
             transformers models switch to their SDPA implementation, `nn.MultiheadAttention` takes its SDPA path,
             hand-written ``softmax(q @ k^T) @ v`` is recognised at runtime. ``None`` leaves attention alone. Or a
             `memopt.AttentionConfig`.
-        quant: weight quantization (``"4bit"``, ``"8bit"``, ...); not available yet.
+        quant: weights in 4 or 8 bits with bitsandbytes: ``"4bit"``/``"nf4"`` (NF4 + double quantization, compute in
+            the model's dtype: ~4.13 bits per weight), ``"fp4"``, ``"8bit"`` (LLM.int8), or a `memopt.QuantConfig`.
+            Quantized weights are frozen; the output head stays in full precision.
         lora: LoRA adapters; not available yet.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
@@ -64,6 +65,9 @@ def apply(
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
     configs = []
+    quant_cfg = quant_config(quant)
+    if quant_cfg is not None:
+        configs.append(quant_cfg)
     attn = attention_config(attention)
     if attn is not None:
         configs.append(attn)
@@ -72,7 +76,7 @@ def apply(
         configs.append(with_blocks(ckpt, blocks))
     elif blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
-    for name, value in (("quant", quant), ("lora", lora)):
+    for name, value in (("lora", lora),):
         if value is not None:
             raise NotImplementedError(f"{name}={value!r}: {_NOT_YET[name]} is not implemented yet; pass {name}=None")
 

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 # What `blocks=` accepts: FQN strings (glob patterns allowed), module classes, or a predicate fn(name, module).
@@ -103,6 +104,77 @@ class AttentionConfig:
     @property
     def name(self) -> str:
         return "sdpa"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weights in 4 or 8 bits with bitsandbytes; the strings ``"4bit"``, ``"nf4"``, ``"fp4"``, ``"8bit"`` are
+    shorthands for it. The defaults are the QLoRA recipe, not bitsandbytes' (fp4, no double quantization, fp32
+    compute).
+
+    Args:
+        bits: 4 (`bnb.nn.Linear4bit`) or 8 (`bnb.nn.Linear8bitLt`, LLM.int8). Weight memory: ~4.127 bits per weight
+            for NF4 with double quantization (0.5 more without it), ~8 bits plus one fp32 scale per row for 8-bit,
+            against 16/32 for bf16/fp32. Matmuls dequantize on the fly: slower than a plain Linear, most of all
+            on CPU.
+        quant_type: 4-bit format: ``"nf4"`` (normal-float, best for normally distributed weights) or ``"fp4"``.
+        double_quant: also quantize the per-block absmax statistics (8-bit, second-level block 256): 0.127 instead
+            of 0.5 extra bits per weight.
+        compute_dtype: dtype the 4-bit weights are dequantized to for the matmul; None = the layer's own float
+            dtype (fp32 stays fp32, bf16 stays bf16).
+        blocksize: 4-bit quantization block (weights sharing one absmax).
+        threshold: 8-bit outlier threshold: input features above it are multiplied in 16 bits (LLM.int8).
+        skip: FQNs or glob patterns of layers never quantized. A pattern that matches no Linear layer is an error.
+        skip_head: keep the output head (``lm_head``, the output embedding, weights tied to the input embedding) in
+            full precision: the logits are where quantization error hurts most, and a tied weight is shared.
+    """
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    blocksize: int = 64
+    threshold: float = 6.0
+    skip: tuple[str, ...] = ()
+    skip_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"QuantConfig(bits={self.bits!r}) is not supported; use 4 or 8")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"QuantConfig(quant_type={self.quant_type!r}) is not supported; use 'nf4' or 'fp4'")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"QuantConfig(blocksize={self.blocksize!r}) must be a power of two from 32 to 4096")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    @property
+    def name(self) -> str:
+        if self.bits == 8:
+            return "8bit"
+        return self.quant_type + ("+dq" if self.double_quant else "")
+
+
+_QUANT_SHORTHANDS: dict[str, Callable[[], QuantConfig]] = {
+    "4bit": QuantConfig,
+    "nf4": QuantConfig,
+    "fp4": lambda: QuantConfig(quant_type="fp4"),
+    "8bit": lambda: QuantConfig(bits=8),
+}
+
+
+def quant_config(value: Any) -> QuantConfig | None:
+    """Normalise the ``quant=`` argument of `memopt.apply`."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str) and value in _QUANT_SHORTHANDS:
+        return _QUANT_SHORTHANDS[value]()
+    raise ValueError(
+        f"quant={value!r} is not supported; use '4bit', 'nf4', 'fp4', '8bit', None or memopt.QuantConfig(...)"
+    )
 
 
 def attention_config(value: Any) -> AttentionConfig | None:

@@ -48,7 +48,7 @@ def test_apply_returns_the_same_model():
         (dict(checkpoint=True, blocks=[3]), TypeError, r"blocks=3 is not supported"),
         (dict(blocks="transformer.h.*"), ValueError, r"checkpoint= is off"),
         (dict(attention="flash3"), ValueError, r"attention='flash3' is not supported; use 'sdpa', None or memopt.AttentionConfig"),
-        (dict(checkpoint=True, quant="4bit"), NotImplementedError, r"quant='4bit'"),
+        (dict(checkpoint=True, quant="3bit"), ValueError, r"quant='3bit' is not supported; use '4bit', 'nf4', 'fp4', '8bit'"),
         (dict(checkpoint=True, lora=8), NotImplementedError, r"lora=8"),
         (dict(checkpoint=memopt.CheckpointConfig(policy="selective", save_ops=("nope_op",))), ValueError, r"'nope_op'"),
     ],

@@ -1,0 +1,213 @@
+"""quant=: weights in 4 or 8 bits with bitsandbytes (`Linear4bit` NF4/FP4, `Linear8bitLt` LLM.int8), CPU and CUDA.
+
+Which layers: `nn.Linear` (exactly; subclasses have their own forward) and transformers' `Conv1D` (GPT-2 family,
+transposed to Linear layout). Left alone, each with its reason in `memopt.applied(model)`: the output head
+(`lm_head`, the model's output embedding, or any Linear whose weight is tied to another parameter such as the
+input embedding), the projections inside `nn.MultiheadAttention` (it reads their weights directly), layers named
+by `skip=`, and layers the format cannot take.
+
+The layers are swapped one at a time, so the extra memory while quantizing is one layer's float weight. The
+quantized weights are frozen (they have no gradient); train them through LoRA (`lora=`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .._log import logger, warn_once
+from .._modules import transformers_class
+from .._record import Entry
+from .._registry import register_transform
+from ..config import QuantConfig
+
+
+def require_bitsandbytes(what: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{what} needs bitsandbytes, which is not installed: pip install bitsandbytes")
+
+
+def _conv1d() -> type | None:
+    if transformers_class("PreTrainedModel") is None:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class _Target:
+    fqn: str
+    module: nn.Module
+    transposed: bool  # Conv1D keeps its weight as (in, out)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    targets: list[_Target]
+    skipped: list[tuple[str, str]]
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """FQNs of the output head: `lm_head`, or what a transformers model reports as its output embedding."""
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (AttributeError, NotImplementedError):
+            head = None
+        names |= {n for n, m in model.named_modules() if head is not None and m is head}
+    return names
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
+    require_bitsandbytes(f"quant={config.name!r}")
+    conv1d = _conv1d()
+    heads = _head_names(model) if config.skip_head else set()
+    shared = _shared_weights(model)
+    inside_mha = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
+    unmatched = set(config.skip)
+    targets, skipped = [], []
+    for fqn, module in model.named_modules():
+        is_linear = type(module) is nn.Linear
+        is_conv1d = conv1d is not None and type(module) is conv1d
+        if not (is_linear or is_conv1d or isinstance(module, nn.Linear)):
+            continue
+        hits = {p for p in config.skip if fnmatch.fnmatchcase(fqn, p) or fqn == p}
+        unmatched -= hits
+        if hits:
+            skipped.append((fqn, f"skip={sorted(hits)}"))
+        elif fqn in inside_mha:
+            skipped.append((fqn, "inside nn.MultiheadAttention, which reads the weight directly"))
+        elif not (is_linear or is_conv1d):
+            skipped.append((fqn, f"{type(module).__name__} subclasses nn.Linear with its own forward"))
+        elif fqn in heads:
+            skipped.append((fqn, "output head (skip_head=True): logits stay full precision"))
+        elif id(module.weight) in shared:
+            skipped.append((fqn, "weight tied to another parameter (e.g. the input embedding)"))
+        elif module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            skipped.append((fqn, f"weight dtype {module.weight.dtype} is not a float format bitsandbytes takes"))
+        elif config.bits == 4 and _in_features(module, is_conv1d) % config.blocksize:
+            skipped.append((fqn, f"4-bit needs in_features divisible by blocksize={config.blocksize} (bitsandbytes' "
+                                 f"CPU kernels quantize whole blocks per row); this layer has {_in_features(module, is_conv1d)}"))
+        else:
+            targets.append(_Target(fqn, module, is_conv1d))
+    if unmatched:
+        raise ValueError(
+            f"QuantConfig(skip=...) patterns {sorted(unmatched)} matched no Linear layer; the model's Linear layers "
+            f"are e.g. {[t.fqn for t in targets[:4]]}"
+        )
+    return _Plan(targets, skipped)
+
+
+def _in_features(module: nn.Module, is_conv1d: bool) -> int:
+    return module.weight.shape[0] if is_conv1d else module.weight.shape[1]
+
+
+def _quantized(target: _Target, config: QuantConfig) -> nn.Module:
+    import bitsandbytes as bnb
+
+    old = target.module
+    weight = old.weight.detach()
+    if target.transposed:
+        weight = weight.t()  # Conv1D (in, out) -> Linear (out, in)
+    out_features, in_features = weight.shape
+    device = weight.device
+    compute_dtype = config.compute_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    has_bias = old.bias is not None
+    if config.bits == 4:
+        new = bnb.nn.Linear4bit(
+            in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,
+            compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.contiguous(), requires_grad=False, quant_type=config.quant_type,
+            compress_statistics=config.double_quant, blocksize=config.blocksize, module=new,
+        )._quantize(device)
+    else:
+        new = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=has_bias, has_fp16_weights=False, threshold=config.threshold,
+            device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+        new.weight = new.weight.to(device)  # quantizes: int8 rows + per-row scale (SCB), no float copy kept
+    if has_bias:
+        new.bias = nn.Parameter(old.bias.detach().to(device), requires_grad=old.bias.requires_grad)
+    if config.bits == 4:
+        new.register_load_state_dict_pre_hook(_load_4bit_state)
+    new.train(old.training)
+    return new
+
+
+def _load_4bit_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """`load_state_dict` into a Linear4bit: its state_dict carries the quantization state next to the packed weight
+    (`weight.absmax`, `weight.quant_map`, ...), which bitsandbytes only reads back through transformers' loader."""
+    key = prefix + "weight"
+    extra = {k[len(key) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(key + ".")}
+    if extra:
+        from bitsandbytes.functional import QuantState
+
+        module.weight.quant_state = QuantState.from_dict(extra, device=module.weight.device)
+
+
+@register_transform(QuantConfig, technique="quant", order=10, plan=_plan)
+def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
+    entries = [Entry("quant", fqn, "skipped", reason) for fqn, reason in plan.skipped]
+    for target in plan.targets:
+        parent_name, _, child = target.fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = _quantized(target, config)
+        setattr(parent, child, new)
+        shape = f"{new.out_features}x{new.in_features}"
+        entries.append(Entry("quant", target.fqn, "applied", f"{config.name} ({type(target.module).__name__} {shape})"))
+    if not plan.targets:
+        warn_once(
+            f"quant-nothing-{type(model).__name__}",
+            f"quant={config.name!r} found no layer to quantize in {type(model).__name__} (it quantizes nn.Linear and "
+            "transformers' Conv1D; see memopt.applied(model) for what was skipped and why)",
+            stacklevel=3,
+        )
+    logger.info("memopt: quantized %d layers to %s, skipped %d", len(plan.targets), config.name, len(plan.skipped))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(entries, key=lambda e: order.get(e.fqn, 0))
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of a layer's weight as stored: the packed weight plus its quantization state (absmax, nested
+    statistics, code tables, int8 row scales)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return 0
+    total = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
+    scb = getattr(weight, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    found = [getattr(state, k, None) for k in ("absmax", "code")]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        found += [getattr(nested, k, None) for k in ("absmax", "code")]
+    return [t for t in found if isinstance(t, torch.Tensor)]
