@@ -6,8 +6,12 @@
 """
 
 from .api import applied, apply, remove
-from .config import AttentionConfig, CheckpointConfig, QuantConfig
+from .config import AttentionConfig, CheckpointConfig, LoraSettings, QuantConfig
+from .optim import optimizer
 from .transforms.attention import register_attention
 
-__all__ = ["apply", "applied", "remove", "register_attention", "AttentionConfig", "CheckpointConfig", "QuantConfig"]
+__all__ = [
+    "apply", "applied", "remove", "optimizer", "register_attention",
+    "AttentionConfig", "CheckpointConfig", "LoraSettings", "QuantConfig",
+]
 __version__ = "0.1.0"

@@ -16,11 +16,7 @@ import torch.nn as nn
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import attention_config, checkpoint_config, quant_config, with_blocks
-
-_NOT_YET = {
-    "lora": "LoRA adapters",
-}
+from .config import attention_config, checkpoint_config, lora_config, quant_config, with_blocks
 
 
 def apply(
@@ -50,7 +46,9 @@ def apply(
         quant: weights in 4 or 8 bits with bitsandbytes: ``"4bit"``/``"nf4"`` (NF4 + double quantization, compute in
             the model's dtype: ~4.13 bits per weight), ``"fp4"``, ``"8bit"`` (LLM.int8), or a `memopt.QuantConfig`.
             Quantized weights are frozen; the output head stays in full precision.
-        lora: LoRA adapters; not available yet.
+        lora: LoRA adapters with PEFT on every Linear but the head (quantized ones included): an int rank, or a
+            `peft.LoraConfig`. Only the adapters train (float32), so gradients and optimizer state shrink to the
+            adapters' size; base `state_dict` keys do not change.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
 
@@ -76,9 +74,9 @@ def apply(
         configs.append(with_blocks(ckpt, blocks))
     elif blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
-    for name, value in (("lora", lora),):
-        if value is not None:
-            raise NotImplementedError(f"{name}={value!r}: {_NOT_YET[name]} is not implemented yet; pass {name}=None")
+    lora_cfg = lora_config(lora)
+    if lora_cfg is not None:
+        configs.append(lora_cfg)
 
     # Check everything before changing anything: a bad option leaves the model untouched.
     plans = [(transform_for(c), c, transform_for(c).plan(model, c)) for c in configs]

@@ -177,6 +177,45 @@ def quant_config(value: Any) -> QuantConfig | None:
     )
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters with PEFT (`lora=r` or `lora=peft.LoraConfig(...)` are shorthands for it).
+
+    Args:
+        r: adapter rank. Trainable parameters per adapted (out x in) layer: r * (in + out), in float32, plus their
+            gradients and optimizer state (~16 bytes each with AdamW); the frozen base needs no gradient or state.
+        alpha: scaling numerator (update = B A x * alpha / r); None = 2 * r.
+        dropout: dropout on the adapter input.
+        target_modules: which layers get adapters; "all-linear" = every Linear except the output head (PEFT's rule).
+        peft_config: a `peft.LoraConfig` used as is (the other fields are ignored).
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    peft_config: Any = None
+
+    def __post_init__(self) -> None:
+        if self.peft_config is None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            raise ValueError(f"lora={self.r!r} is not supported; use a positive int rank (e.g. lora=16), a "
+                             "peft.LoraConfig(...) or None")
+
+
+def lora_config(value: Any) -> LoraSettings | None:
+    """Normalise the ``lora=`` argument of `memopt.apply`."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, LoraSettings):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return LoraSettings(r=value)
+    if type(value).__name__ == "LoraConfig" and type(value).__module__.startswith("peft"):
+        return LoraSettings(peft_config=value)
+    raise ValueError(f"lora={value!r} is not supported; use a positive int rank (e.g. lora=16), a "
+                     "peft.LoraConfig(...) or None")
+
+
 def attention_config(value: Any) -> AttentionConfig | None:
     """Normalise the ``attention=`` argument of `memopt.apply`."""
     if value is None or value is False:

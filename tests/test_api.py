@@ -49,7 +49,7 @@ def test_apply_returns_the_same_model():
         (dict(blocks="transformer.h.*"), ValueError, r"checkpoint= is off"),
         (dict(attention="flash3"), ValueError, r"attention='flash3' is not supported; use 'sdpa', None or memopt.AttentionConfig"),
         (dict(checkpoint=True, quant="3bit"), ValueError, r"quant='3bit' is not supported; use '4bit', 'nf4', 'fp4', '8bit'"),
-        (dict(checkpoint=True, lora=8), NotImplementedError, r"lora=8"),
+        (dict(checkpoint=True, lora=0), ValueError, r"lora=0 is not supported; use a positive int rank"),
         (dict(checkpoint=memopt.CheckpointConfig(policy="selective", save_ops=("nope_op",))), ValueError, r"'nope_op'"),
     ],
 )

@@ -1,0 +1,91 @@
+"""lora=: LoRA adapters with PEFT, injected in place (no PeftModel wrapper), so a quantized model still trains.
+
+PEFT's `inject_adapter_in_model` swaps each target Linear (quantized or not) for a LoRA layer that keeps the
+original as `base_layer` and freezes everything but the adapters. memopt adds what a demanding user expects:
+- `state_dict` keys of the base weights stay as they were (`...q_proj.weight`, not `...q_proj.base_layer.weight`),
+  through a state_dict hook and a load_state_dict pre-hook on each LoRA layer; adapters add their own keys.
+- adapters of a bf16/fp16 model are kept in float32 (training precision), and nothing else is upcast: unlike
+  `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter (embeddings, norms, head)
+  to float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .._log import logger
+from .._record import Entry
+from .._registry import register_transform
+from ..config import LoraSettings
+
+_BASE = "base_layer."
+
+
+def require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError("lora= needs peft, which is not installed: pip install peft")
+
+
+def peft_config(settings: LoraSettings) -> Any:
+    """The `peft.LoraConfig` that `settings` stands for."""
+    import peft
+
+    if settings.peft_config is not None:
+        return settings.peft_config
+    return peft.LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha or 2 * settings.r, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules, bias="none",
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: Any
+
+
+def _plan(model: nn.Module, settings: LoraSettings) -> _Plan:
+    require_peft()
+    return _Plan(peft_config(settings))
+
+
+def _keep_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: `prefix.base_layer.weight` -> `prefix.weight` (the key the layer had before LoRA)."""
+    for key in [k for k in state_dict if k.startswith(prefix + _BASE)]:
+        state_dict[prefix + key[len(prefix + _BASE):]] = state_dict.pop(key)
+
+
+def _load_base_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook, the reverse of `_keep_base_keys`: every key of this layer that is not an adapter's
+    (`lora_*`) belongs to the base layer (`weight`, `bias`, a quantized weight's `weight.absmax`, ...)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith(("lora_", _BASE)):
+            state_dict[prefix + _BASE + rest] = state_dict.pop(key)
+
+
+@register_transform(LoraSettings, technique="lora", order=20, plan=_plan)
+def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]:
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    peft.inject_adapter_in_model(plan.config, model)
+    entries = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for p in module.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()  # adapters train in float32; the frozen base keeps its dtype
+        module.register_state_dict_post_hook(_keep_base_keys)
+        module.register_load_state_dict_pre_hook(_load_base_keys)
+        base = type(module.get_base_layer()).__name__
+        entries.append(Entry("lora", fqn, "applied", f"r={plan.config.r}, alpha={plan.config.lora_alpha} on {base}"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("memopt: LoRA on %d layers; %d of %d parameters train", len(entries), trainable, total)
+    return entries
