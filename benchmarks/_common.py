@@ -139,3 +139,54 @@ def fresh(base: nn.Module, fn: Callable[[nn.Module], nn.Module] | None = None) -
         return fn(model) if fn is not None else model
 
     return build
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tied weight counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
+
+
+def resident_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
+    """What lives between steps: parameters (quantized ones with their quantization state), buffers, optimizer
+    state."""
+    from memopt.transforms.quant import _state_tensors
+
+    params = list(model.parameters())
+    quant_state = [t for p in params for t in _state_tensors(getattr(p, "quant_state", None))]
+    quant_state += [p.SCB for p in params if isinstance(getattr(p, "SCB", None), torch.Tensor)]
+    state = [] if optimizer is None else [t for s in optimizer.state.values() for t in s.values()]
+    return {
+        "params": storage_bytes(params) + storage_bytes(quant_state) + storage_bytes(model.buffers()),
+        "optimizer": storage_bytes(state),
+    }
+
+
+def profiled_peak_increment(fn) -> int:
+    """Highest bytes allocated above the starting point while `fn` runs, from the PyTorch profiler's allocation
+    events (works where MemTracker cannot: frozen and quantized parameters, modules run twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each op's own net allocation (children excluded) at its start, and "[memory]" events for what was allocated or
+    # freed outside any op (Python `del`, autograd freeing saved tensors), in time order.
+    deltas = []
+    for e in prof.events():
+        if e.name == "[memory]":
+            deltas.append((e.time_range.start, e.cpu_memory_usage))
+        elif e.self_cpu_memory_usage:
+            deltas.append((e.time_range.start, e.self_cpu_memory_usage))
+    live = peak = 0
+    for _, delta in sorted(deltas, key=lambda d: d[0]):
+        live += delta
+        peak = max(peak, live)
+    return peak

@@ -47,3 +47,8 @@ def test_cli_inspect(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "memopt", "inspect", str(tmp_path / "config.json"), "--checkpoint",
                           "weird"], capture_output=True, text=True)
     assert bad.returncode != 0 and "checkpoint='weird' is not supported" in bad.stderr
+
+
+def test_quant_benchmark_runs():
+    out = _run("benchmarks/quant.py", "--hidden", "128", "--layers", "1", "--vocab", "256", "--seq", "32", "--steps", "1")
+    assert "| 4-bit + LoRA r16, adamw8bit |" in out and "| bf16: transformers+peft QLoRA r16 (+GC), adamw |" in out
