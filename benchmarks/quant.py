@@ -104,7 +104,6 @@ def main(argv=None):
         rows.append((name, resident["params"], resident["optimizer"], resident["params"] + resident["optimizer"] + increment,
                      statistics.median(times), loss))
         print(f"done: {name}", file=sys.stderr)
-        del model, opt
 
     print(f"\nFine-tuning recipes: Llama-style h={args.hidden} L={args.layers} vocab={args.vocab} batch={args.batch} "
           f"seq={args.seq}, fp32 unless marked bf16, one optimizer step")

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable
 
 import torch
-import torch.nn as nn
-
-# What `blocks=` accepts: FQN strings (glob patterns allowed), module classes, or a predicate fn(name, module).
-BlockSpec = Union[str, type, Callable[[str, nn.Module], bool], Sequence[Union[str, type]]]
 
 CHECKPOINT_POLICIES = ("full", "selective")
+
+
+def _normalise(name: str, value: Any, config_type: type, shorthand: Callable[[Any], Any], allowed: str) -> Any:
+    """One `apply` argument to its config: None/False -> None (do nothing), a config as is, a shorthand through
+    `shorthand` (which returns None for values it does not know), anything else a ValueError naming `allowed`."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, config_type):
+        return value
+    config = shorthand(value)
+    if config is None:
+        raise ValueError(f"{name}={value!r} is not supported; use {allowed}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -166,14 +175,10 @@ _QUANT_SHORTHANDS: dict[str, Callable[[], QuantConfig]] = {
 
 def quant_config(value: Any) -> QuantConfig | None:
     """Normalise the ``quant=`` argument of `memopt.apply`."""
-    if value is None or value is False:
-        return None
-    if isinstance(value, QuantConfig):
-        return value
-    if isinstance(value, str) and value in _QUANT_SHORTHANDS:
-        return _QUANT_SHORTHANDS[value]()
-    raise ValueError(
-        f"quant={value!r} is not supported; use '4bit', 'nf4', 'fp4', '8bit', None or memopt.QuantConfig(...)"
+    return _normalise(
+        "quant", value, QuantConfig,
+        lambda v: _QUANT_SHORTHANDS[v]() if isinstance(v, str) and v in _QUANT_SHORTHANDS else None,
+        "'4bit', 'nf4', 'fp4', '8bit', None or memopt.QuantConfig(...)",
     )
 
 
@@ -202,29 +207,26 @@ class LoraSettings:
                              "peft.LoraConfig(...) or None")
 
 
-def lora_config(value: Any) -> LoraSettings | None:
-    """Normalise the ``lora=`` argument of `memopt.apply`."""
-    if value is None or value is False:
-        return None
-    if isinstance(value, LoraSettings):
-        return value
+def _lora_shorthand(value: Any) -> LoraSettings | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return LoraSettings(r=value)
     if type(value).__name__ == "LoraConfig" and type(value).__module__.startswith("peft"):
         return LoraSettings(peft_config=value)
-    raise ValueError(f"lora={value!r} is not supported; use a positive int rank (e.g. lora=16), a "
-                     "peft.LoraConfig(...) or None")
+    return None
+
+
+def lora_config(value: Any) -> LoraSettings | None:
+    """Normalise the ``lora=`` argument of `memopt.apply`."""
+    allowed = "a positive int rank (e.g. lora=16), a peft.LoraConfig(...) or None"
+    return _normalise("lora", value, LoraSettings, _lora_shorthand, allowed)
 
 
 def attention_config(value: Any) -> AttentionConfig | None:
     """Normalise the ``attention=`` argument of `memopt.apply`."""
-    if value is None or value is False:
-        return None
-    if isinstance(value, AttentionConfig):
-        return value
-    if isinstance(value, str) and value == "sdpa":
-        return AttentionConfig()
-    raise ValueError(f"attention={value!r} is not supported; use 'sdpa', None or memopt.AttentionConfig(...)")
+    return _normalise(
+        "attention", value, AttentionConfig, lambda v: AttentionConfig() if v == "sdpa" else None,
+        "'sdpa', None or memopt.AttentionConfig(...)",
+    )
 
 
 _CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
@@ -235,21 +237,19 @@ _CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
 _CHECKPOINT_ALLOWED = "False, None, True, 'full', 'selective', 'offload', a positive int N, or memopt.CheckpointConfig(...)"
 
 
-def checkpoint_config(value: Any) -> CheckpointConfig | None:
-    """Normalise the ``checkpoint=`` argument of `memopt.apply` to a `CheckpointConfig` (or None: do nothing)."""
-    if value is None or value is False:
-        return None
+def _checkpoint_shorthand(value: Any) -> CheckpointConfig | None:
     if value is True:
         return CheckpointConfig()
-    if isinstance(value, CheckpointConfig):
-        return value
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(f"checkpoint={value!r} is not supported; use {_CHECKPOINT_ALLOWED}")
-        return CheckpointConfig(every=value)
+        return CheckpointConfig(every=value) if value >= 1 else None
     if isinstance(value, str) and value in _CHECKPOINT_SHORTHANDS:
         return _CHECKPOINT_SHORTHANDS[value]()
-    raise ValueError(f"checkpoint={value!r} is not supported; use {_CHECKPOINT_ALLOWED}")
+    return None
+
+
+def checkpoint_config(value: Any) -> CheckpointConfig | None:
+    """Normalise the ``checkpoint=`` argument of `memopt.apply` to a `CheckpointConfig` (or None: do nothing)."""
+    return _normalise("checkpoint", value, CheckpointConfig, _checkpoint_shorthand, _CHECKPOINT_ALLOWED)
 
 
 def with_blocks(config: CheckpointConfig, blocks: Any) -> CheckpointConfig:
