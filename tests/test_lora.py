@@ -94,6 +94,8 @@ def test_bf16_only_adapters_are_upcast_unlike_prepare_model_for_kbit_training():
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert dtypes["model.norm.weight"] == dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert dtypes["lm_head.weight"] == torch.float32  # logits in float32 without a bf16 copy beside them
+    assert "float32" in memopt.applied(model).touched("lora:head")["lm_head"]
     # The transformers/peft recipe on the same quantized base upcasts every non-quantized parameter.
     ref, _ = _llama(torch.bfloat16)
     memopt.apply(ref, quant="4bit")
@@ -147,3 +149,49 @@ def test_missing_peft_is_an_import_error(monkeypatch):
     with pytest.raises(ImportError, match=r"lora= needs peft, which is not installed: pip install peft"):
         memopt.apply(model, quant="4bit", lora=8)
     assert [n for n, _ in model.named_modules()] == before
+
+
+def test_bf16_qlora_uses_no_more_memory_than_the_transformers_peft_recipe(tmp_path):
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _common import profiled_peak_increment, resident_bytes
+
+    # Logits (batch x seq x vocab) large enough to matter, as in real fine-tunes.
+    config = transformers.LlamaConfig(vocab_size=8000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 8000, (4, 256), generator=torch.Generator().manual_seed(0))
+
+    def measure(model):
+        opt = memopt.optimizer(model, "adamw", lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+
+        model.train()
+        step()
+        resident = sum(resident_bytes(model, opt).values())
+        return resident, resident + profiled_peak_increment(step)
+
+    ours = base.to(torch.bfloat16)
+    base.save_pretrained(tmp_path)
+    memopt.apply(ours, quant="4bit", lora=16, checkpoint=True)
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.bfloat16)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config,
+                                                               device_map="cpu", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.prepare_model_for_kbit_training(theirs)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    (our_resident, our_peak), (their_resident, their_peak) = measure(ours), measure(theirs)
+    assert our_resident < their_resident and our_peak <= their_peak, (our_resident, their_resident, our_peak, their_peak)

@@ -4,9 +4,11 @@ PEFT's `inject_adapter_in_model` swaps each target Linear (quantized or not) for
 original as `base_layer` and freezes everything but the adapters. memopt adds what a demanding user expects:
 - `state_dict` keys of the base weights stay as they were (`...q_proj.weight`, not `...q_proj.base_layer.weight`),
   through a state_dict hook and a load_state_dict pre-hook on each LoRA layer; adapters add their own keys.
-- adapters of a bf16/fp16 model are kept in float32 (training precision), and nothing else is upcast: unlike
-  `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized parameter (embeddings, norms, head)
-  to float32.
+- adapters of a bf16/fp16 model are kept in float32 (training precision), and so is the output head when it is
+  not tied to the input embedding: the loss needs float32 logits anyway (transformers upcasts them), and a half
+  head would keep its half logits alive beside that float32 copy until backward (batch x seq x vocab x 2 bytes).
+  Nothing else is upcast, unlike `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized
+  parameter (embeddings, norms, head) to float32.
 """
 
 from __future__ import annotations
@@ -68,6 +70,30 @@ def _load_base_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any
             state_dict[prefix + _BASE + rest] = state_dict.pop(key)
 
 
+def _float_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _head_in_float32(model: nn.Module) -> list[Entry]:
+    """Upcast a half-precision, untied, plain-Linear output head (see the module docstring)."""
+    from .quant import _head_names, _shared_weights
+
+    entries = []
+    shared = _shared_weights(model)
+    for fqn in sorted(_head_names(model)):
+        head = model.get_submodule(fqn)
+        if type(head) is not nn.Linear or head.weight.dtype not in (torch.float16, torch.bfloat16):
+            continue
+        if id(head.weight) in shared:
+            entries.append(Entry("lora:head", fqn, "skipped", "tied to the input embedding: stays in its dtype"))
+            continue
+        head.float()
+        head.register_forward_pre_hook(_float_input)
+        entries.append(Entry("lora:head", fqn, "applied", "output head computes in float32 (the loss needs float32 "
+                                                          "logits; no half copy kept beside them)"))
+    return entries
+
+
 @register_transform(LoraSettings, technique="lora", order=20, plan=_plan)
 def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]:
     import peft
@@ -85,6 +111,7 @@ def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]
         module.register_load_state_dict_pre_hook(_load_base_keys)
         base = type(module.get_base_layer()).__name__
         entries.append(Entry("lora", fqn, "applied", f"r={plan.config.r}, alpha={plan.config.lora_alpha} on {base}"))
+    entries += _head_in_float32(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("memopt: LoRA on %d layers; %d of %d parameters train", len(entries), trainable, total)
