@@ -4,11 +4,13 @@ The fixed order (lower first) and why:
     quantize (10) -> LoRA (20) -> attention (30) -> checkpoint (40)
 Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
 blocks whose identity does not change; checkpointing goes last because it only wraps the blocks' `forward` and
-must see their final contents. Any order of separate `apply` calls gives the same model.
+must see their final contents. Separate `apply` calls give the same model in any order, except that quantization
+must come before (or with) LoRA: quantizing after LoRA is refused, since it would quantize the adapters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch.nn as nn
@@ -82,7 +84,11 @@ def apply(
     plans = [(transform_for(c), c, transform_for(c).plan(model, c)) for c in configs]
     record = record_of(model, create=True)
     for transform, config, plan in sorted(plans, key=lambda tcp: tcp[0].order):
-        record.replace(transform.technique, transform.apply(model, config, plan), config)
+        entries = transform.apply(model, config, plan)
+        if callable(getattr(config, "blocks", None)) and not isinstance(config.blocks, type):
+            # a predicate would make the model unpicklable: keep the blocks it chose instead
+            config = dataclasses.replace(config, blocks=tuple(e.fqn for e in entries if e.technique == transform.technique))
+        record.replace(transform.technique, entries, config)
     return model
 
 

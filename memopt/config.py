@@ -202,9 +202,15 @@ class LoraSettings:
     peft_config: Any = None
 
     def __post_init__(self) -> None:
-        if self.peft_config is None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+        if self.peft_config is not None:
+            return
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"lora={self.r!r} is not supported; use a positive int rank (e.g. lora=16), a "
                              "peft.LoraConfig(...) or None")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"LoraSettings(alpha={self.alpha!r}) must be positive (None = 2 * r)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraSettings(dropout={self.dropout!r}) must be in [0, 1)")
 
 
 def _lora_shorthand(value: Any) -> LoraSettings | None:
@@ -254,6 +260,10 @@ def checkpoint_config(value: Any) -> CheckpointConfig | None:
 
 def with_blocks(config: CheckpointConfig, blocks: Any) -> CheckpointConfig:
     """`apply(blocks=...)` fills in a config that names no blocks of its own."""
-    if blocks is None or config.blocks is not None:
+    if blocks is None:
         return config
+    if config.blocks is not None:
+        raise ValueError(
+            "blocks= was given twice, to apply() and in CheckpointConfig(blocks=...); give it in one place"
+        )
     return dataclasses.replace(config, blocks=blocks)

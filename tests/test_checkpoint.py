@@ -498,3 +498,46 @@ def test_offload_on_cuda_moves_block_inputs_to_cpu():
     apply_ckpt(model, checkpoint="offload")
     b = {k: v.cuda() for k, v in batch(0).items()}
     _assert_same_step(ref, model, b, loss_fn)
+
+
+def test_every_configuration_pickles_after_a_step():
+    # selective (its op set), a padded transformers batch (the shared float mask), a blocks= predicate
+    cases = [
+        ("llama", dict(checkpoint="selective")),
+        ("llama", dict(checkpoint=True)),
+        ("nanogpt", dict(checkpoint=True, blocks=lambda name, m: name.endswith(".mlp"))),
+    ]
+    for name, kwargs in cases:
+        model, ref, batch, loss_fn = _pair(name, dropout=0.0)
+        memopt.apply(model, **kwargs)
+        _step(model, batch(0), loss_fn)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(_step(loaded, batch(0), loss_fn)[0], _step(model, batch(0), loss_fn)[0])
+    assert memopt.applied(loaded).configs["checkpoint"].blocks == tuple(f"transformer.h.{i}.mlp" for i in range(3))
+
+
+def test_remove_gives_transformers_own_checkpointing_back():
+    model, *_ = ALL_MODELS["llama"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_ckpt(model, checkpoint=True)
+    assert model.model.layers[0].gradient_checkpointing is False  # not nested inside memopt's
+    memopt.remove(model)
+    assert model.model.layers[0].gradient_checkpointing is True
+
+
+def test_blocks_given_twice_is_an_error():
+    model, *_ = nanogpt()
+    with pytest.raises(ValueError, match=r"blocks= was given twice"):
+        apply_ckpt(model, checkpoint=memopt.CheckpointConfig(blocks="transformer.h.*"), blocks="transformer.h.0")
+
+
+def test_blocks_swapped_by_quantization_are_the_ones_checkpointed():
+    pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)])
+    memopt.apply(model, quant="8bit", checkpoint=True, blocks=nn.Linear, attention=None)
+    assert all(checkpointed(model[i]) for i in range(3)) and type(model[0]).__name__ == "Linear8bitLt"

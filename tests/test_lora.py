@@ -195,3 +195,38 @@ def test_bf16_qlora_uses_no_more_memory_than_the_transformers_peft_recipe(tmp_pa
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     (our_resident, our_peak), (their_resident, their_peak) = measure(ours), measure(theirs)
     assert our_resident < their_resident and our_peak <= their_peak, (our_resident, their_resident, our_peak, their_peak)
+
+
+def test_quant_after_lora_is_refused_and_leaves_the_model_untouched():
+    model, _ = _llama()
+    memopt.apply(model, lora=4)
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"already has LoRA adapters .* pass quant= and lora= in one call"):
+        memopt.apply(model, quant="4bit")
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+
+
+@pytest.mark.parametrize("lora, match", [
+    (lambda: peft.LoraConfig(r=4, target_modules=["no_such_layer"]), r"target_modules \['no_such_layer'\] matched no module"),
+    (lambda: memopt.LoraSettings(r=4, dropout=1.5), r"dropout=1.5\) must be in \[0, 1\)"),
+    (lambda: memopt.LoraSettings(r=4, alpha=0), r"alpha=0\) must be positive"),
+])
+def test_bad_lora_is_found_before_quantization_changes_anything(lora, match):
+    model, _ = _llama()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=match):
+        memopt.apply(model, quant="4bit", lora=lora())
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+
+
+def test_default_targets_skip_the_tied_head_and_multihead_attention_projections():
+    from models import nanogpt
+
+    model, *_ = nanogpt()
+    memopt.apply(model, lora=4)
+    record = memopt.applied(model)
+    assert "lm_head" not in record.touched("lora") and "lm_head" in record.skipped("lora")
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    memopt.apply(layer, lora=4, attention=None)
+    assert "reads the weight directly" in memopt.applied(layer).skipped("lora")["self_attn.out_proj"]
+    assert set(memopt.applied(layer).touched("lora")) == {"linear1", "linear2"}

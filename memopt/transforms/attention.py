@@ -498,6 +498,12 @@ class _SharedMask:
         self.src: weakref.ref | None = None
         self.float_mask: weakref.ref | None = None
 
+    def __getstate__(self) -> dict:
+        return {}  # weak references do not pickle, and a restored model starts with no mask anyway
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
 
 def _share_float_mask(shared: _SharedMask, index: int | None, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     positional = index is not None and len(args) > index

@@ -11,6 +11,7 @@ Memory and time: see `memopt.CheckpointConfig`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -65,12 +66,19 @@ class _SelectiveContexts:
     such as the one `torch.matmul` returns for batched inputs, and a stale cache entry means wrong gradients.
     """
 
-    def __init__(self, save: frozenset):
-        self.save = save
+    def __init__(self, save_ops: tuple[str, ...]):
+        self.save_ops = save_ops  # names, not op objects: those cannot be pickled (torch.save(model))
+        self.save = _save_packets(save_ops)
         self.storage: dict | None = None
         self.kept: dict[int, int] = {}  # storage data_ptr -> op index when an output living there was kept
         self.written: dict[int, int] = {}  # storage data_ptr -> op index of the last in-place write
         self.index = 0
+
+    def __getstate__(self) -> dict:
+        return {"save_ops": self.save_ops}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["save_ops"])
 
     def __call__(self) -> tuple:
         caching, cached = create_selective_checkpoint_contexts(self.policy)
@@ -197,10 +205,12 @@ class _Checkpointed(ForwardPatch):
 
     rank = 100  # outermost: the recompute must replay the other patches (attention) as the forward ran them
 
-    def __init__(self, module: nn.Module, inner: Callable | None, config: CheckpointConfig, context_fn: Callable | None):
+    def __init__(self, module: nn.Module, inner: Callable | None, config: CheckpointConfig, context_fn: Callable | None,
+                 replaced_hf: bool = False):
         super().__init__(module, inner)
         self.config = config
         self.context_fn = context_fn  # selective checkpointing's context factory; None for full
+        self.replaced_hf = replaced_hf  # transformers' own checkpointing was on here; memopt.remove turns it back on
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inner = self.inner_forward()
@@ -300,14 +310,16 @@ def _plan(model: nn.Module, config: CheckpointConfig) -> _Plan:
             raise ValueError(no_blocks_message(model))
     context_fn = None
     if config.policy == "selective":
-        save = _save_packets(config.save_ops or DEFAULT_SAVE_OPS)
-        context_fn = _SelectiveContexts(save)
+        context_fn = _SelectiveContexts(tuple(config.save_ops or DEFAULT_SAVE_OPS))
     return _Plan(blocks, found_by, context_fn)
 
 
 def remove_checkpointing(model: nn.Module) -> None:
     """Undo checkpointing on every block of `model` and drop the use_cache hooks."""
     for module in model.modules():
+        patch = find(module, _Checkpointed)
+        if patch is not None and patch.replaced_hf:
+            module.gradient_checkpointing = True
         uninstall(module, _Checkpointed)
         for key in [k for k, h in module._forward_pre_hooks.items() if _is_cache_hook(h)]:
             del module._forward_pre_hooks[key]
@@ -330,15 +342,18 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
             stacklevel=3,  # warn_once <- _apply <- memopt.apply <- the caller
         )
     entries = []
-    for index, (fqn, block) in enumerate(plan.blocks):
+    stored = dataclasses.replace(config, blocks=None)  # a blocks= lambda would make the model unpicklable
+    for index, (fqn, _) in enumerate(plan.blocks):
+        block = model.get_submodule(fqn) if fqn else model  # looked up again: quantization or LoRA may have swapped it
         kind = type(block).__name__
         if index % config.every:
             entries.append(Entry("checkpoint", fqn, "skipped", f"every={config.every}: block {index} keeps its activations"))
             continue
-        if getattr(block, "gradient_checkpointing", False) is True:
+        replaced_hf = getattr(block, "gradient_checkpointing", False) is True
+        if replaced_hf:
             block.gradient_checkpointing = False  # transformers' own, nested inside ours, would recompute twice
             logger.info("memopt: turned off transformers' own gradient checkpointing on %s (memopt's replaces it)", fqn)
-        install(block, _Checkpointed, config=config, context_fn=plan.context_fn)
+        install(block, _Checkpointed, config=stored, context_fn=plan.context_fn, replaced_hf=replaced_hf)
         entries.append(Entry("checkpoint", fqn, "applied", f"{config.name} ({kind}; found by {plan.found_by})"))
     for fqn, module, index in _cache_models(model):
         module.register_forward_pre_hook(functools.partial(_no_cache_in_training, index), with_kwargs=True)

@@ -33,26 +33,80 @@ def require_peft() -> None:
         raise ImportError("lora= needs peft, which is not installed: pip install peft")
 
 
-def peft_config(settings: LoraSettings) -> Any:
-    """The `peft.LoraConfig` that `settings` stands for."""
+_ADAPTABLE = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")  # the Linear-like classes LoRA can wrap
+
+
+def default_targets(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
+    """"all-linear", decided by memopt for any model: every Linear-like layer (quantized ones included) except the
+    output head, weights tied to another parameter, and nn.MultiheadAttention's projections (it reads their weights
+    directly, so an adapter there would never run). Returns (target FQNs, [(skipped FQN, reason)])."""
+    from .quant import _head_names, _shared_weights
+
+    heads, shared = _head_names(model), _shared_weights(model)
+    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for c, _ in m.named_children()}
+    targets, skipped = [], []
+    for fqn, module in model.named_modules():
+        adaptable = isinstance(module, nn.Linear) or type(module).__name__ in _ADAPTABLE
+        if not adaptable or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if ".lora_" in f".{fqn}" or fqn.endswith("base_layer"):
+            continue  # already part of a LoRA layer
+        if fqn in heads:
+            skipped.append((fqn, "output head"))
+        elif id(module.weight) in shared:
+            skipped.append((fqn, "weight tied to another parameter"))
+        elif fqn in inside_mha:
+            skipped.append((fqn, "inside nn.MultiheadAttention, which reads the weight directly"))
+        else:
+            targets.append(fqn)
+    return targets, skipped
+
+
+def peft_config(settings: LoraSettings, targets: list[str]) -> Any:
+    """The `peft.LoraConfig` that `settings` stands for; "all-linear" becomes memopt's explicit target list."""
+    import copy
+
     import peft
 
     if settings.peft_config is not None:
-        return settings.peft_config
-    return peft.LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha or 2 * settings.r, lora_dropout=settings.dropout,
-        target_modules=settings.target_modules, bias="none",
-    )
+        config = copy.copy(settings.peft_config)
+        if config.target_modules == "all-linear":
+            config.target_modules = targets
+        return config
+    alpha = 2 * settings.r if settings.alpha is None else settings.alpha
+    target_modules = targets if settings.target_modules == "all-linear" else settings.target_modules
+    return peft.LoraConfig(r=settings.r, lora_alpha=alpha, lora_dropout=settings.dropout,
+                           target_modules=target_modules, bias="none")
 
 
 @dataclass(frozen=True)
 class _Plan:
     config: Any
+    skipped: list[tuple[str, str]]
 
 
 def _plan(model: nn.Module, settings: LoraSettings) -> _Plan:
+    """Resolves the targets against the model before anything changes: a target that matches nothing raises here,
+    not halfway through `apply` (after quantization has already swapped layers)."""
     require_peft()
-    return _Plan(peft_config(settings))
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets, skipped = default_targets(model)
+    config = peft_config(settings, targets)
+    if not config.target_modules:
+        raise ValueError(f"lora= found no Linear layer to adapt in {type(model).__name__} (besides the head); name "
+                         "them with peft.LoraConfig(target_modules=[...])")
+    names = [n for n, _ in model.named_modules()]
+    if isinstance(config.target_modules, str):
+        matched = any(check_target_module_exists(config, n) for n in names)
+        unmatched = [] if matched else [config.target_modules]
+    else:
+        unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"lora target_modules {unmatched} matched no module; the model's Linear layers are e.g. "
+                         f"{targets[:4]}")
+    return _Plan(config, skipped if settings.target_modules == "all-linear" or settings.peft_config is None else [])
 
 
 def _keep_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -100,7 +154,7 @@ def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]
     from peft.tuners.lora import LoraLayer
 
     peft.inject_adapter_in_model(plan.config, model)
-    entries = []
+    entries = [Entry("lora", fqn, "skipped", reason) for fqn, reason in plan.skipped]
     for fqn, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue

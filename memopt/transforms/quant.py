@@ -75,6 +75,13 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
     require_bitsandbytes(f"quant={config.name!r}")
+    lora = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1].startswith("lora_")]
+    if lora:
+        raise ValueError(
+            f"quant={config.name!r} on a model that already has LoRA adapters ({lora[0]}, ...) would quantize the "
+            "adapters and leave nothing to train; pass quant= and lora= in one call (quantization runs first), or "
+            "quantize before adding LoRA"
+        )
     conv1d = _conv1d()
     heads = _head_names(model) if config.skip_head else set()
     shared = _shared_weights(model)
