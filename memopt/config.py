@@ -191,7 +191,9 @@ class LoraSettings:
             gradients and optimizer state (~16 bytes each with AdamW); the frozen base needs no gradient or state.
         alpha: scaling numerator (update = B A x * alpha / r); None = 2 * r.
         dropout: dropout on the adapter input.
-        target_modules: which layers get adapters; "all-linear" = every Linear except the output head (PEFT's rule).
+        target_modules: which layers get adapters (names or FQN suffixes, as PEFT takes them); "all-linear" = every
+            Linear-like layer (nn.Linear, Conv1D, quantized ones) except the output head, weights tied to another
+            parameter, and nn.MultiheadAttention's projections, decided by memopt for any model.
         peft_config: a `peft.LoraConfig` used as is (the other fields are ignored).
     """
 
