@@ -20,6 +20,17 @@ BATCH = 2
 _COMMON = dict(vocab_size=VOCAB)
 
 
+def train_step(model, batch: dict, loss_fn: Callable, seed: int = 1):
+    """One training step from zero gradients: (detached loss, {name: grad}). `seed` fixes the dropout masks."""
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _ids(seed: int, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)

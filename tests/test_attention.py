@@ -14,7 +14,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 import memopt
 from memopt.transforms.attention import sdpa_converted
-from models import ALL_MODELS, SEQ, VOCAB, CausalSelfAttention, _ids, nanogpt
+from models import ALL_MODELS, SEQ, VOCAB, CausalSelfAttention, _ids, nanogpt, train_step
 
 
 class DirectMHA(nn.Module):
@@ -56,18 +56,11 @@ def _pair(name):
     return model, copy.deepcopy(model), batch, loss_fn
 
 
-def _step(model, batch, loss_fn):
-    model.train()
-    for p in model.parameters():
-        p.grad = None
-    loss = loss_fn(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_close_to_eager(ref, model, batch, loss_fn):
-    ref_loss, ref_grads = _step(ref, batch, loss_fn)
-    loss, grads = _step(model, batch, loss_fn)
+    ref_loss, ref_grads = train_step(ref, batch, loss_fn)
+    loss, grads = train_step(model, batch, loss_fn)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert grads.keys() == ref_grads.keys()
     # Relative to the largest gradient: some gradients are exactly zero in exact arithmetic (a key bias shifts every
@@ -327,12 +320,12 @@ def test_backend_that_ran_is_recorded_after_a_step():
     model, _, batch, loss_fn = _pair("llama")
     memopt.apply(model)
     assert "attention:backend" not in {e.technique for e in memopt.applied(model).entries}
-    _step(model, batch(0), loss_fn)
+    train_step(model, batch(0), loss_fn)
     backend = memopt.applied(model).touched("attention:backend")[""]
     assert "cpu_flash x3" in backend, backend
     # The probe steps aside after the first forwards: no hook does any work afterwards.
-    _step(model, batch(0), loss_fn)
-    _step(model, batch(0), loss_fn)
+    train_step(model, batch(0), loss_fn)
+    train_step(model, batch(0), loss_fn)
     assert memopt.applied(model).touched("attention:backend")[""] == backend.replace("x3", "x6")
 
 

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import memopt
 from memopt.transforms.checkpoint import checkpointed
-from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, VOCAB, ResBlock, nanogpt
+from models import ALL_MODELS, EXPECTED_BLOCKS, HF_MODELS, VOCAB, ResBlock, nanogpt, train_step
 
 # Checkpointing alone, attention left as built, so every comparison isolates what checkpointing does
 # (attention="sdpa" and its composition with checkpointing are tested in test_attention.py).
@@ -35,19 +35,11 @@ def _pair(name: str, dropout: float = 0.1):
     return model, copy.deepcopy(model), batch, loss_fn
 
 
-def _step(model, batch, loss_fn, seed=1):
-    model.train()
-    for p in model.parameters():
-        p.grad = None
-    torch.manual_seed(seed)  # same dropout masks in both runs
-    loss = loss_fn(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same_step(ref, model, batch, loss_fn):
-    ref_loss, ref_grads = _step(ref, batch, loss_fn)
-    loss, grads = _step(model, batch, loss_fn)
+    ref_loss, ref_grads = train_step(ref, batch, loss_fn)
+    loss, grads = train_step(model, batch, loss_fn)
     # The forward runs the same ops in the same order: bit-identical loss (dropout included, RNG state preserved).
     assert torch.equal(loss, ref_loss), (loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
@@ -75,8 +67,8 @@ def test_bitwise_equal_to_transformers_own_checkpointing(name):
         warnings.simplefilter("ignore")
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_ckpt(model, checkpoint=True)
-    hf_loss, hf_grads = _step(hf, batch(0), loss_fn)
-    loss, grads = _step(model, batch(0), loss_fn)
+    hf_loss, hf_grads = train_step(hf, batch(0), loss_fn)
+    loss, grads = train_step(model, batch(0), loss_fn)
     assert torch.equal(loss, hf_loss)
     for n in grads:
         assert torch.equal(grads[n], hf_grads[n]), n
@@ -270,7 +262,7 @@ def test_state_dict_and_fqns_unchanged(name):
     assert [n for n, _ in model.named_modules()] == modules_before
     assert list(model.state_dict()) == keys_before
     # A checkpointed model's state_dict loads into an unmodified one, and back, strictly.
-    _step(model, batch(0), loss_fn)
+    train_step(model, batch(0), loss_fn)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
@@ -291,7 +283,7 @@ def test_frozen_embeddings_and_frozen_inputs(name):
                 p.requires_grad_(False)
     apply_ckpt(model, checkpoint=True)
     _assert_same_step(ref, model, batch(0), loss_fn)
-    _, grads = _step(model, batch(0), loss_fn)
+    _, grads = train_step(model, batch(0), loss_fn)
     first_block = next(iter(memopt.applied(model).touched("checkpoint")))
     # The first block's input comes from a frozen embedding (no requires_grad): its weights still get gradients.
     assert any(n.startswith(first_block + ".") for n in grads)
@@ -510,12 +502,12 @@ def test_every_configuration_pickles_after_a_step():
     for name, kwargs in cases:
         model, ref, batch, loss_fn = _pair(name, dropout=0.0)
         memopt.apply(model, **kwargs)
-        _step(model, batch(0), loss_fn)
+        train_step(model, batch(0), loss_fn)
         buf = io.BytesIO()
         torch.save(model, buf)
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
-        torch.testing.assert_close(_step(loaded, batch(0), loss_fn)[0], _step(model, batch(0), loss_fn)[0])
+        torch.testing.assert_close(train_step(loaded, batch(0), loss_fn)[0], train_step(model, batch(0), loss_fn)[0])
     assert memopt.applied(loaded).configs["checkpoint"].blocks == tuple(f"transformer.h.{i}.mlp" for i in range(3))
 
 
