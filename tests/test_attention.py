@@ -133,6 +133,31 @@ def test_padded_batch_keeps_only_the_mask(name):
     assert all(not t.requires_grad for t in square)
 
 
+def test_alternating_masks_are_each_converted_once():
+    # Gemma 3 alternates sliding-window and full-attention layers: two masks, each shared by its layers.
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config)
+    ref = copy.deepcopy(model)
+    ids = _ids(0, seq=32)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 3] = -100
+    b = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    memopt.apply(model)
+    square = _saved_square(model, b, lambda m, x: m(**x).loss, 32)
+    assert len({t.untyped_storage().data_ptr() for t in square}) == 2
+    _assert_close_to_eager(ref, model, b, lambda m, x: m(**x).loss)
+
+
 def _tiny_llama(attn: str):
     import transformers
 

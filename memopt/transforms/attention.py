@@ -491,18 +491,28 @@ def _is_probe_hook(hook: Any) -> bool:
 
 class _SharedMask:
     """SDPA turns a bool attn_mask into an additive float mask inside every call, and the fused kernels keep that
-    copy for backward: one (batch, 1, seq, seq) tensor per layer. Converting the model's bool mask once per forward,
-    before the layers see it, leaves one copy that all layers share (the same values SDPA would have made)."""
+    copy for backward: one (batch, 1, seq, seq) tensor per layer. Converting each of the model's bool masks once
+    per forward, before the layers see it, leaves one copy per distinct mask that all layers share (the same values
+    SDPA would have made). Models that alternate masks (sliding-window and full layers) keep one per kind."""
 
     def __init__(self) -> None:
-        self.src: weakref.ref | None = None
-        self.float_mask: weakref.ref | None = None
+        self.slots: list[tuple[weakref.ref, weakref.ref]] = []  # (bool mask, its float version)
 
     def __getstate__(self) -> dict:
         return {}  # weak references do not pickle, and a restored model starts with no mask anyway
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+    def float_of(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        self.slots = [(m, f) for m, f in self.slots if m() is not None and f() is not None]
+        for m, f in self.slots:
+            if m() is mask and f().dtype == dtype:
+                return f()
+        # (batch, 1, T, S): 0 where attended, -inf where masked, as aten's convert_boolean_attn_mask makes it
+        float_mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        self.slots.append((weakref.ref(mask), weakref.ref(float_mask)))
+        return float_mask
 
 
 def _share_float_mask(shared: _SharedMask, index: int | None, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -513,11 +523,7 @@ def _share_float_mask(shared: _SharedMask, index: int | None, module: nn.Module,
     hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         return None
-    float_mask = shared.float_mask() if shared.float_mask is not None else None
-    if shared.src is None or shared.src() is not mask or float_mask is None or float_mask.dtype != hidden.dtype:
-        # (batch, 1, T, S): 0 where attended, -inf where masked, as aten's convert_boolean_attn_mask makes it
-        float_mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        shared.src, shared.float_mask = weakref.ref(mask), weakref.ref(float_mask)
+    float_mask = shared.float_of(mask, hidden.dtype)
     if positional:
         args = (*args[:index], float_mask, *args[index + 1 :])
     else:
