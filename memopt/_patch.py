@@ -46,22 +46,31 @@ class ForwardPatch:
 P = TypeVar("P", bound=ForwardPatch)
 
 
+def _slot(module: nn.Module) -> str:
+    """Where the chain starts. accelerate's hooks (device_map, offloading) replace `forward` with their own wrapper
+    and call the previous one as `_old_forward`: memopt's patches live there, inside the hook, so the hook runs once
+    and moves inputs before checkpointing sees them, whichever of the two came first."""
+    if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
 def install(module: nn.Module, patch_cls: type[P], **state: Any) -> P:
     """Put a `patch_cls` patch into the module's forward chain, outside every patch of lower or equal rank and
     inside every patch of higher rank; returns it."""
     chain = _chain(module)
     outer = [p for p in chain if p.rank > patch_cls.rank]
-    inner = outer[-1].inner if outer else module.__dict__.get("forward")
+    inner = outer[-1].inner if outer else module.__dict__.get(_slot(module))
     patch = patch_cls(module, inner, **state)
     if outer:
         outer[-1].inner = patch
     else:
-        module.forward = patch
+        setattr(module, _slot(module), patch)
     return patch
 
 
 def _chain(module: nn.Module) -> list[ForwardPatch]:
-    chain, link = [], module.__dict__.get("forward")
+    chain, link = [], module.__dict__.get(_slot(module))
     while isinstance(link, ForwardPatch):
         chain.append(link)
         link = link.inner
@@ -82,10 +91,13 @@ def uninstall(module: nn.Module, patch_cls: type[ForwardPatch]) -> bool:
     tail = chain[-1].inner  # whatever forward was there before any memopt patch
     for patch, nxt in zip(kept, kept[1:] + [None]):
         patch.inner = nxt if nxt is not None else tail
+    slot = _slot(module)
     if kept:
-        module.forward = kept[0]
-    elif tail is None:
+        setattr(module, slot, kept[0])
+    elif tail is not None:
+        setattr(module, slot, tail)
+    elif slot == "forward":
         module.__dict__.pop("forward", None)
-    else:
-        module.forward = tail
+    else:  # accelerate's hook calls _old_forward: give it the class's forward back
+        setattr(module, slot, types.MethodType(type(module).forward, module))
     return True

@@ -533,3 +533,37 @@ def test_blocks_swapped_by_quantization_are_the_ones_checkpointed():
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)])
     memopt.apply(model, quant="8bit", checkpoint=True, blocks=nn.Linear, attention=None)
     assert all(checkpointed(model[i]) for i in range(3)) and type(model[0]).__name__ == "Linear8bitLt"
+
+
+@pytest.mark.parametrize("hook_first", [True, False])
+def test_accelerate_hooks_before_or_after_apply(hook_first):
+    # device_map / offloading wrap forward in accelerate hooks; memopt's patches sit inside them either way.
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model, ref, batch, loss_fn = _pair("llama")
+    layers = list(model.model.layers)
+    if hook_first:
+        for layer in layers:
+            add_hook_to_module(layer, Count())
+    apply_ckpt(model, checkpoint=True)
+    if not hook_first:
+        for layer in layers:
+            add_hook_to_module(layer, Count())
+    assert all(checkpointed(layer) for layer in layers)
+    Count.calls = 0
+    _assert_same_step(ref, model, batch(0), loss_fn)
+    assert Count.calls == len(layers)  # the hook ran once per layer: outside the checkpoint, not again in recompute
+    memopt.remove(model)
+    assert not any(checkpointed(layer) for layer in layers)
+    _assert_same_step(ref, model, batch(0), loss_fn)  # the accelerate hooks still work
+    for layer in layers:
+        remove_hook_from_module(layer)
+        assert "_old_forward" not in layer.__dict__
+    _assert_same_step(ref, model, batch(0), loss_fn)
