@@ -19,12 +19,12 @@ def outermost(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
     """Drop every module that sits inside another one of the list (checkpointing inside a checkpoint buys nothing)."""
     kept: list[tuple[str, nn.Module]] = []
     for name, module in named:
-        if any(_is_inside(name, outer) for outer, _ in kept):
+        if any(is_inside(name, outer) for outer, _ in kept):
             continue
         kept.append((name, module))
     return kept
 
-def _is_inside(name: str, outer: str) -> bool:
+def is_inside(name: str, outer: str) -> bool:
     return outer == "" or name.startswith(outer + ".")
 
 def transformers_class(name: str) -> type | None:
@@ -149,6 +149,36 @@ def no_blocks_message(model: nn.Module) -> str:
         f"found no repeated blocks in {type(model).__name__} (no transformers GradientCheckpointingLayer, no "
         "nn.ModuleList/nn.Sequential holding two or more modules of one class); " + _suggest(model)
     )
+
+def head_names(model: nn.Module) -> set[str]:
+    """FQNs of the output head: `lm_head`, or what a transformers model reports as its output embedding."""
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (AttributeError, NotImplementedError):
+            head = None
+        names |= {n for n, m in model.named_modules() if head is not None and m is head}
+    return names
+
+
+def shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters registered under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def mha_projections(model: nn.Module) -> set[str]:
+    """FQNs of nn.MultiheadAttention's children: it reads their weights directly, never calling their forward."""
+    return {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
+
 
 def get_submodule(model: nn.Module, fqn: str) -> nn.Module:
     return model if fqn == "" else model.get_submodule(fqn)

@@ -48,8 +48,8 @@ def apply(
         quant: weights in 4 or 8 bits with bitsandbytes: ``"4bit"``/``"nf4"`` (NF4 + double quantization, compute in
             the model's dtype: ~4.13 bits per weight), ``"fp4"``, ``"8bit"`` (LLM.int8), or a `memopt.QuantConfig`.
             Quantized weights are frozen; the output head stays in full precision.
-        lora: LoRA adapters with PEFT on every Linear but the head (quantized ones included): an int rank, or a
-            `peft.LoraConfig`. Only the adapters train (float32), so gradients and optimizer state shrink to the
+        lora: LoRA adapters with PEFT on every Linear-like layer (quantized ones included) but the output head, tied
+            weights and nn.MultiheadAttention's projections: an int rank, or a `peft.LoraConfig`. Only the adapters train (float32), so gradients and optimizer state shrink to the
             adapters' size; base `state_dict` keys do not change.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
@@ -64,24 +64,25 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
-    configs = []
-    quant_cfg = quant_config(quant)
-    if quant_cfg is not None:
-        configs.append(quant_cfg)
-    attn = attention_config(attention)
-    if attn is not None:
-        configs.append(attn)
     ckpt = checkpoint_config(checkpoint)
-    if ckpt is not None:
-        configs.append(with_blocks(ckpt, blocks))
-    elif blocks is not None:
+    if ckpt is None and blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
-    lora_cfg = lora_config(lora)
-    if lora_cfg is not None:
-        configs.append(lora_cfg)
+    configs = [
+        c
+        for c in (
+            quant_config(quant),
+            lora_config(lora),
+            attention_config(attention),
+            None if ckpt is None else with_blocks(ckpt, blocks),
+        )
+        if c is not None
+    ]
 
     # Check everything before changing anything: a bad option leaves the model untouched.
-    plans = [(transform_for(c), c, transform_for(c).plan(model, c)) for c in configs]
+    plans = []
+    for config in configs:
+        transform = transform_for(config)
+        plans.append((transform, config, transform.plan(model, config)))
     record = record_of(model, create=True)
     for transform, config, plan in sorted(plans, key=lambda tcp: tcp[0].order):
         entries = transform.apply(model, config, plan)
@@ -100,7 +101,8 @@ def applied(model: nn.Module) -> Applied:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo what can be undone (checkpointing); returns the model. Parameters are never touched."""
+    """Undo what can be undone (checkpointing, attention rerouting); returns the model. Parameters are never
+    touched: quantization and LoRA stay."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.remove expects an nn.Module, got {type(model).__name__}")
     record = record_of(model)

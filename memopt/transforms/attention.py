@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .._log import logger, warn_once
-from .._modules import hf_layers, transformers_class
+from .._modules import is_inside, hf_layers, outermost, transformers_class
 from .._patch import ForwardPatch, find, install, uninstall
 from .._record import Applied, Entry, record_of
 from .._registry import register_transform
@@ -555,28 +555,23 @@ def _outermost_hf(model: nn.Module) -> list[tuple[str, nn.Module]]:
     PreTrainedModel = transformers_class("PreTrainedModel")
     if PreTrainedModel is None:
         return []
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and not any(name.startswith(f"{n}.") or n == "" for n, _ in found):
-            found.append((name, module))
-    return found
+    return outermost((n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel))
 
 
 def _plan(model: nn.Module, config: AttentionConfig) -> _Plan:
     hf = _outermost_hf(model) if config.transformers else []
-    in_hf = tuple(f"{n}." for n, _ in hf)
-    inside_hf = (lambda n: any(n.startswith(p) for p in in_hf) or any(h == "" for h, _ in hf))
     named = list(model.named_modules())
     registered = [(n, m, fn) for n, m in named if (fn := _registered_fn(m)) is not None]
     taken = {n for n, _, _ in registered}
     multihead = [(n, m) for n, m in named if isinstance(m, nn.MultiheadAttention) and n not in taken] if config.multihead else []
     candidates = [
         (n, m) for n, m in named
-        if config.handwritten and n not in taken and not inside_hf(n) and _handwritten_candidate(m)
+        if config.handwritten and n not in taken and not any(is_inside(n, h) for h, _ in hf)
+        and _handwritten_candidate(m)
     ]
     # Innermost only: one watched forward never runs inside another (a model whose own forward calls softmax, for
     # sampling say, is not watched when its attention layers are).
-    handwritten = [(n, m) for n, m in candidates if not any(c.startswith(f"{n}.") or (n == "" and c) for c, _ in candidates)]
+    handwritten = [(n, m) for n, m in candidates if not any(c != n and is_inside(c, n) for c, _ in candidates)]
     return _Plan(hf, multihead, registered, handwritten)
 
 

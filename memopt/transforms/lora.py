@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._log import logger
+from .._modules import head_names, mha_projections, shared_weights
 from .._record import Entry
 from .._registry import register_transform
 from ..config import LoraSettings
@@ -40,11 +41,7 @@ def default_targets(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]]
     """"all-linear", decided by memopt for any model: every Linear-like layer (quantized ones included) except the
     output head, weights tied to another parameter, and nn.MultiheadAttention's projections (it reads their weights
     directly, so an adapter there would never run). Returns (target FQNs, [(skipped FQN, reason)])."""
-    from .quant import _head_names, _shared_weights
-
-    heads, shared = _head_names(model), _shared_weights(model)
-    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                  for c, _ in m.named_children()}
+    heads, shared, inside_mha = head_names(model), shared_weights(model), mha_projections(model)
     targets, skipped = [], []
     for fqn, module in model.named_modules():
         adaptable = isinstance(module, nn.Linear) or type(module).__name__ in _ADAPTABLE
@@ -130,11 +127,9 @@ def _float_input(module: nn.Module, args: tuple) -> tuple:
 
 def _head_in_float32(model: nn.Module) -> list[Entry]:
     """Upcast a half-precision, untied, plain-Linear output head (see the module docstring)."""
-    from .quant import _head_names, _shared_weights
-
     entries = []
-    shared = _shared_weights(model)
-    for fqn in sorted(_head_names(model)):
+    shared = shared_weights(model)
+    for fqn in sorted(head_names(model)):
         head = model.get_submodule(fqn)
         if type(head) is not nn.Linear or head.weight.dtype not in (torch.float16, torch.bfloat16):
             continue

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._log import logger, warn_once
-from .._modules import transformers_class
+from .._modules import head_names, mha_projections, shared_weights, transformers_class
 from .._record import Entry
 from .._registry import register_transform
 from ..config import QuantConfig
@@ -53,26 +53,6 @@ class _Plan:
     skipped: list[tuple[str, str]]
 
 
-def _head_names(model: nn.Module) -> set[str]:
-    """FQNs of the output head: `lm_head`, or what a transformers model reports as its output embedding."""
-    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (AttributeError, NotImplementedError):
-            head = None
-        names |= {n for n, m in model.named_modules() if head is not None and m is head}
-    return names
-
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
-
-
 def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
     require_bitsandbytes(f"quant={config.name!r}")
     lora = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1].startswith("lora_")]
@@ -83,13 +63,9 @@ def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
             "quantize before adding LoRA"
         )
     conv1d = _conv1d()
-    heads = _head_names(model) if config.skip_head else set()
-    shared = _shared_weights(model)
-    inside_mha = {
-        f"{n}.{c}" if n else c
-        for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-        for c, _ in m.named_children()
-    }
+    heads = head_names(model) if config.skip_head else set()
+    shared = shared_weights(model)
+    inside_mha = mha_projections(model)
     unmatched = set(config.skip)
     targets, skipped = [], []
     for fqn, module in model.named_modules():
