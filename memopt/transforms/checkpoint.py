@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._log import logger, warn_once
-from .._modules import find_blocks, no_blocks_message, select_modules, transformers_class
+from .._modules import find_blocks, get_submodule, no_blocks_message, select_modules, transformers_class
 from .._patch import ForwardPatch, find, install, uninstall
 from .._record import Entry
 from .._registry import register_transform
@@ -211,6 +211,10 @@ class _Checkpointed(ForwardPatch):
         self.config = config
         self.context_fn = context_fn  # selective checkpointing's context factory; None for full
         self.replaced_hf = replaced_hf  # transformers' own checkpointing was on here; memopt.remove turns it back on
+        # Buffers are snapshotted around each training forward only if the block has some, and few bytes of them;
+        # decided once here rather than by walking the block's buffers on every step.
+        sizes = [b.numel() * b.element_size() for b in module.buffers()]
+        self.guard_buffers = bool(sizes) and sum(sizes) <= _BUFFER_GUARD_BYTES
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inner = self.inner_forward()
@@ -218,9 +222,8 @@ class _Checkpointed(ForwardPatch):
         if not (self.module.training and torch.is_grad_enabled()):
             return inner(*args, **kwargs)
         args, kwargs = _drop_caches(self.module, args, kwargs)
-        buffers = list(self.module.buffers())
         guard = None
-        if buffers and sum(b.numel() * b.element_size() for b in buffers) <= _BUFFER_GUARD_BYTES:
+        if self.guard_buffers:
             guard = _BufferGuard(self.module)
             inner = functools.partial(guard.run, inner)
         extra = {} if self.context_fn is None else {"context_fn": self.context_fn}
@@ -344,7 +347,7 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
     entries = []
     stored = dataclasses.replace(config, blocks=None)  # a blocks= lambda would make the model unpicklable
     for index, (fqn, _) in enumerate(plan.blocks):
-        block = model.get_submodule(fqn) if fqn else model  # looked up again: quantization or LoRA may have swapped it
+        block = get_submodule(model, fqn)  # looked up again: quantization or LoRA may have swapped it
         kind = type(block).__name__
         if index % config.every:
             entries.append(Entry("checkpoint", fqn, "skipped", f"every={config.every}: block {index} keeps its activations"))

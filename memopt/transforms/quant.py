@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._log import logger, warn_once
-from .._modules import head_names, mha_projections, shared_weights, transformers_class
+from .._modules import get_submodule, head_names, mha_projections, shared_weights, transformers_class
 from .._record import Entry
 from .._registry import register_transform
 from ..config import QuantConfig
@@ -155,7 +155,7 @@ def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
     entries = [Entry("quant", fqn, "skipped", reason) for fqn, reason in plan.skipped]
     for target in plan.targets:
         parent_name, _, child = target.fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = get_submodule(model, parent_name)
         new = _quantized(target, config)
         setattr(parent, child, new)
         shape = f"{new.out_features}x{new.in_features}"
