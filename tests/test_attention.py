@@ -425,3 +425,19 @@ def test_cuda_explicit_mask_reports_kernel_and_matches_eager():
     b = {k: v.cuda() for k, v in batch(0).items()}
     _assert_close_to_eager(ref, model, b, loss_fn)
     assert "x3" in memopt.applied(model).touched("attention:backend")[""]
+
+
+def test_softmax_in_another_dtype_is_kept_as_written():
+    class HalfSoftmax(CausalSelfAttention):
+        def forward(self, x):
+            q, k, v = self.heads(x)
+            att = (q @ k.transpose(-2, -1)).softmax(-1, torch.float64)  # positional dtype: not SDPA's
+            return self.merge(att.to(q.dtype) @ v)
+
+    torch.manual_seed(0)
+    model = HalfSoftmax(32, 4, 0.0)
+    ref = copy.deepcopy(model)
+    memopt.apply(model)
+    x = torch.randn(2, SEQ, 32)
+    torch.testing.assert_close(model(x), ref(x))
+    assert "" in memopt.applied(model).skipped("attention")

@@ -23,6 +23,7 @@ fall-back to the math kernel, which does materialise the N x N matrix, is warned
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -272,11 +273,11 @@ class _Watch(TorchFunctionMode):
                 s = _scalar(other)
                 if s is None or s <= 0:
                     return NotImplemented
-                return _Lazy(_replace(r, scale=r.scale * (s if func in _MUL else 1.0 / s)))
+                return _Lazy(dataclasses.replace(r, scale=r.scale * (s if func in _MUL else 1.0 / s)))
             if func in _ADD and len(args) == 2 and not kwargs and isinstance(other, torch.Tensor):
                 if isinstance(other, _Lazy) or other.requires_grad or not other.is_floating_point():
                     return NotImplemented
-                return _Lazy(_replace(r, bias=other if r.bias is None else r.bias + other))
+                return _Lazy(dataclasses.replace(r, bias=other if r.bias is None else r.bias + other))
             if func in _MASKED_FILL | _MASKED_FILL_:
                 mask = args[1] if len(args) > 1 else kwargs.get("mask")
                 value = args[2] if len(args) > 2 else kwargs.get("value")
@@ -286,18 +287,21 @@ class _Watch(TorchFunctionMode):
                 if func in _MASKED_FILL_:
                     r.attend = attend
                     return x
-                return _Lazy(_replace(r, attend=attend))
+                return _Lazy(dataclasses.replace(r, attend=attend))
             if func in _SOFTMAX:
                 dim = args[1] if len(args) > 1 else kwargs.get("dim")
-                dtype = kwargs.get("dtype", args[3] if len(args) > 3 else None)
+                at = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype); x.softmax(dim, dtype)
+                dtype = kwargs.get("dtype", args[at] if len(args) > at else None)
                 if dim not in (-1, x.dim() - 1) or (dtype is not None and dtype != x.dtype):
                     return NotImplemented
-                return _Lazy(_replace(r, probs=True))
+                return _Lazy(dataclasses.replace(r, probs=True))
             return NotImplemented
         if func in _DROPOUT:
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             training = args[2] if len(args) > 2 else kwargs.get("training", True)
-            return _Lazy(_replace(r, dropout_p=r.dropout_p + (p if training else 0.0))) if not r.dropout_p else NotImplemented
+            if r.dropout_p:
+                return NotImplemented  # a second dropout: not SDPA's
+            return _Lazy(dataclasses.replace(r, dropout_p=p if training else 0.0))
         if func in _TO and len(args) == 2 and not kwargs:
             target = other.dtype if isinstance(other, torch.Tensor) else other
             return x if target == x.dtype else NotImplemented
@@ -307,10 +311,6 @@ class _Watch(TorchFunctionMode):
             self.converted += 1
             return r.sdpa(other)
         return NotImplemented
-
-
-def _replace(r: _Recipe, **changes: Any) -> _Recipe:
-    return _Recipe(**{**r.__dict__, **changes})
 
 
 def _swaps_last_two(args: tuple, kwargs: dict) -> bool:
