@@ -1,9 +1,13 @@
 """memopt's command line: thin argparse over the library.
 
     memopt inspect CONFIG.json [--checkpoint full|selective|offload|N] [--attention sdpa|none]
+    memopt report CONFIG.json --batch-size B --seq-len S [--checkpoint ...] [--quant ...] [--lora R]
+                  [--json | --csv | --plot out.png]
 
 `inspect` builds the model from a local transformers config.json on the meta device (no weights, no memory, no
-download), applies memopt and prints what it did to each layer.
+download), applies memopt and prints what it did to each layer. `report` builds it for real (random weights),
+applies memopt, runs a warm-up training step (so the optimizer state exists) and one tracked step on random
+tokens, and prints the per-layer memory report.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def _checkpoint_arg(value: str) -> Any:
     return {"none": None, "true": True}.get(value.lower(), value)
 
 
-def _build_from_config(path: str):
+def _build_from_config(path: str, device: str = "meta", dtype=None):
     import torch
     import transformers
 
@@ -34,10 +38,10 @@ def _build_from_config(path: str):
         raise SystemExit(f"memopt: could not read a transformers config from {path}: {exc}") from None
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
     auto = (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
-    with torch.device("meta"):
+    with torch.device(device):
         for cls in auto:
             try:
-                return cls.from_config(config)
+                return cls.from_config(config, **({} if dtype is None else {"dtype": dtype}))
             except ValueError:
                 continue
     raise SystemExit(f"memopt: no transformers model class builds from {path} ({type(config).__name__})")
@@ -57,6 +61,71 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dtype(name: str):
+    import torch
+
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise SystemExit(f"memopt: --dtype {name!r} is not supported; use float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def _training_loss(model, out):
+    """The model's own loss when it computes one (labels given), else a stand-in on its first output."""
+    loss = getattr(out, "loss", None)
+    if loss is not None:
+        return loss
+    first = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+    return first.float().pow(2).mean()
+
+
+def _report(args: argparse.Namespace) -> int:
+    import torch
+
+    import memopt
+
+    if args.batch_size < 1 or args.seq_len < 1:
+        raise SystemExit(f"memopt: --batch-size and --seq-len must be positive, got {args.batch_size} and {args.seq_len}")
+    model = _build_from_config(args.config, device=args.device, dtype=_dtype(args.dtype))
+    attention = None if args.attention.lower() == "none" else args.attention
+    quant = None if args.quant.lower() == "none" else args.quant
+    try:
+        memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=attention, quant=quant,
+                     lora=args.lora or None)
+        optimizer = memopt.optimizer(model, args.optimizer)
+    except (ValueError, TypeError, NotImplementedError, ImportError) as exc:
+        raise SystemExit(f"memopt: {exc}") from None
+    vocab = getattr(model.config, "vocab_size", None) or 100
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(args.device)
+    model.train()
+
+    def step() -> None:
+        try:
+            out = model(input_ids=ids, labels=ids)
+        except (TypeError, ValueError):  # a bare AutoModel takes no labels
+            out = model(input_ids=ids)
+        _training_loss(model, out).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: the optimizer state exists in the tracked step, as in any step after the first
+    with memopt.track(model, optimizer) as tracker:
+        for _ in range(args.steps):
+            step()
+    report = tracker.report()
+    if args.plot:
+        report.plot(args.plot)
+    if args.json:
+        print(report.to_json())
+    elif args.csv:
+        print(report.to_csv(), end="")
+    else:
+        print(report.table(depth=args.depth))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memopt", description="Make PyTorch training fit in memory.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("report", help="one real training step of a model built from a local config.json, with the "
+                                      "per-layer memory report")
+    p.add_argument("config", help="path to a transformers config.json (or its folder)")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--checkpoint", default="none", help="full | selective | offload | N | none (default: none)")
+    p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
+    p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit (default: adamw)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    p.add_argument("--steps", type=int, default=1, help="tracked steps after the warm-up (default: 1)")
+    p.add_argument("--depth", type=int, default=None, help="fold the table to this module depth")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    fmt.add_argument("--csv", action="store_true", help="print one CSV row per layer")
+    p.add_argument("--plot", metavar="PNG", help="also write the plot to this file (needs matplotlib)")
+    p.set_defaults(run=_report)
     args = parser.parse_args(argv)
     return args.run(args)
 

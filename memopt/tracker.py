@@ -1,0 +1,859 @@
+"""`memopt.track`: where a training step's memory goes, per layer, on CPU, CUDA and fake tensors.
+
+How it counts. Every tensor storage on the tracked device is counted once, from the op that created it until it is
+freed (a weak reference per storage, as PyTorch's MemTracker does), so the live total is exact on CPU and under
+FakeTensorMode; on CUDA each storage is rounded up to the caching allocator's 512-byte block and `peak_bytes`
+comes from `torch.cuda.max_memory_allocated` itself. A storage is filed under one category, which can change as the
+step goes on:
+
+    params       the model's parameters and buffers (quantized weights with their quantization state)
+    grads        a tensor while it is some parameter's ``.grad``
+    optimizer    optimizer state, and what the optimizer's step allocates
+    activations  what autograd saved for backward (a saved-tensors hook sees it being packed), and whatever
+                 the forward left alive when backward starts (outputs, checkpointing's kept inputs, the outputs
+                 selective checkpointing caches)
+    other        temporaries and inputs
+
+Which layer. Module hooks (forward pre/post hooks; multi-grad hooks on each module's outputs and inputs for
+backward, as `torch.distributed._tools.mod_tracker.ModTracker` does) keep the set of modules running; the innermost
+one owns what happens. A storage saved for backward belongs to the module whose op saved it (so a Linear's
+activation is its input), counted once, for the first module that saved it; what only survives to backward belongs
+to the module that allocated it. Work outside every module (a loss computed by the training loop) is filed under
+``"(outside model)"``.
+
+Cost: a Python call per ATen op and a few hooks per module call: a few percent of a CPU step on a transformer
+(``benchmarks/tracker.py`` measures it); nothing is left behind after `Tracker.remove`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from torch.autograd.graph import register_multi_grad_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._pytree import tree_flatten
+
+from ._units import format_bytes
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+PHASES = ("forward", "backward", "optimizer")
+OUTSIDE = "(outside model)"
+_CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
+_TIMELINE_MAX = 20_000  # points kept for the plot; halved (every other point) when full
+
+
+@dataclass
+class LayerMemory:
+    """One module's memory, as `MemoryReport.layers` lists it (bytes are ints).
+
+    Attributes:
+        name: FQN (``""`` is the model itself; ``"(outside model)"`` the ops run outside it, e.g. the loss).
+        type: class name.
+        params: number of elements of its own parameters (children excluded).
+        param_bytes: its own parameters and buffers at their storage size (quantized weights with their state).
+        trainable_bytes: the part of ``param_bytes`` that requires grad.
+        grad_bytes: its parameters' gradients at their largest (measured just before each optimizer step and at the
+            end of the region).
+        optimizer_bytes: optimizer state of its own parameters at the end of the region.
+        activation_bytes: what its own forward saved for backward (children excluded), or left alive for backward,
+            in the step where that was largest.
+        peak_bytes: the highest live total on the device while it ran (forward, or backward).
+        forward_s, backward_s: wall time inside it (children included), summed over the region; None where it is
+            not meaningful (CUDA's asynchronous kernels, fake tensors).
+        calls: forward calls in the region.
+    """
+
+    name: str
+    type: str
+    params: int = 0
+    param_bytes: int = 0
+    trainable_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    activation_bytes: int = 0
+    peak_bytes: int = 0
+    forward_s: float | None = None
+    backward_s: float | None = None
+    calls: int = 0
+
+
+@dataclass
+class MemoryReport:
+    """What `Tracker.report` returns: the peak of the tracked region, what it was made of, and each layer's share.
+
+    The report covers the whole tracked region (one step or several): ``peak_bytes`` and each layer's
+    ``peak_bytes`` are maxima over it, per-step quantities (a layer's activations and gradients) the largest single
+    step's, ``steps`` how many forwards of the model it saw.
+
+    Attributes:
+        peak_bytes: the highest live bytes on ``device``: `torch.cuda.max_memory_allocated` on CUDA, exact storage
+            accounting on CPU and under FakeTensorMode.
+        peak_breakdown: bytes by category (`memopt.tracker.CATEGORIES`) at the moment of the peak.
+        peak_at: ``{"module": FQN, "phase": "forward" | "backward" | "optimizer"}`` where the peak happened.
+        layers: one `LayerMemory` per module that owns parameters or buffers or kept activations, in execution
+            order.
+        totals: bytes by category at the end of the region.
+        timeline: ``(op index, live bytes, phase)`` after each op that allocated, for the plot.
+    """
+
+    peak_bytes: int
+    peak_breakdown: dict[str, int]
+    peak_at: dict[str, str]
+    layers: list[LayerMemory]
+    device: str
+    steps: int = 0
+    totals: dict[str, int] = field(default_factory=dict)
+    timeline: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerMemory:
+        """The `LayerMemory` of FQN `name` (KeyError naming the known ones if there is none)."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the report; layers: {[l.name for l in self.layers][:20]}")
+
+    def total(self, attribute: str) -> int:
+        """Sum of one `LayerMemory` attribute over the layers, e.g. ``total("activation_bytes")``."""
+        return sum(getattr(layer, attribute) or 0 for layer in self.layers)
+
+    def rows(self, depth: int | None = None) -> list[LayerMemory]:
+        """The layers, or with `depth` the layers folded into their ancestors ``depth`` levels down (sums of
+        bytes, max of peaks): ``depth=0`` is the model as one row, ``depth=2`` on a transformers model one row per
+        ``model.layers`` and ``model.embed_tokens`` (the block list), ``depth=3`` one per block."""
+        if depth is None:
+            return list(self.layers)
+        if depth < 0:
+            raise ValueError(f"depth={depth!r} must be None or >= 0")
+        folded: dict[str, LayerMemory] = {}
+        for layer in self.layers:
+            key = layer.name if layer.name == OUTSIDE else ".".join(layer.name.split(".")[:depth]) if layer.name else ""
+            row = folded.get(key)
+            if row is None:
+                row = folded[key] = LayerMemory(key, layer.type if key == layer.name else "")
+            for attr in ("params", "param_bytes", "trainable_bytes", "grad_bytes", "optimizer_bytes",
+                         "activation_bytes"):
+                setattr(row, attr, getattr(row, attr) + getattr(layer, attr))
+            row.peak_bytes = max(row.peak_bytes, layer.peak_bytes)
+            if key == layer.name:
+                row.forward_s, row.backward_s, row.calls = layer.forward_s, layer.backward_s, layer.calls
+        return list(folded.values())
+
+    def table(self, depth: int | None = None, units: str = "auto") -> str:
+        """The report as text: a header (peak, breakdown, where), then one row per layer (see `rows` for
+        `depth`) and a total row. `units`: ``"auto"`` or one of B, KiB, MiB, GiB."""
+        def b(n: int) -> str:
+            return format_bytes(n, units)
+
+        where = f"{self.peak_at.get('module') or '<root>'} ({self.peak_at.get('phase')})"
+        head = [
+            f"peak {b(self.peak_bytes)} on {self.device} at {where}, over {self.steps} step(s)",
+            "  at the peak: " + ", ".join(f"{k} {b(v)}" for k, v in self.peak_breakdown.items()),
+        ]
+        head += [f"  note: {n}" for n in self.notes]
+        timed = any(layer.forward_s is not None for layer in self.layers)
+        cols = ["layer", "type", "params", "param", "grad", "optim", "activ", "peak"] + (["fwd ms", "bwd ms"] if timed else [])
+        rows = []
+        for r in self.rows(depth):
+            row = [r.name or "<root>", r.type, f"{r.params:,}", b(r.param_bytes), b(r.grad_bytes),
+                   b(r.optimizer_bytes), b(r.activation_bytes), b(r.peak_bytes)]
+            if timed:
+                row += ["" if r.forward_s is None else f"{r.forward_s * 1e3:.1f}",
+                        "" if r.backward_s is None else f"{r.backward_s * 1e3:.1f}"]
+            rows.append(row)
+        total = ["total", "", f"{self.total('params'):,}", b(self.total("param_bytes")), b(self.total("grad_bytes")),
+                 b(self.total("optimizer_bytes")), b(self.total("activation_bytes")), b(self.peak_bytes)]
+        rows.append(total + ([""] * 2 if timed else []))
+        widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                 for line in [cols, *rows]]
+        return "\n".join(head + [""] + lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (ints for bytes), JSON-ready; `from_dict` reads it back."""
+        d = asdict(self)
+        d["timeline"] = [list(p) for p in self.timeline]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MemoryReport":
+        d = dict(d)
+        d["layers"] = [LayerMemory(**layer) for layer in d["layers"]]
+        d["timeline"] = [tuple(p) for p in d.get("timeline", [])]
+        return cls(**d)
+
+    def to_json(self, path: str | None = None) -> str:
+        """JSON text of `to_dict`; also written to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def to_csv(self, path: str | None = None) -> str:
+        """One CSV row per layer (bytes as ints); also written to `path` when given."""
+        buf = io.StringIO()
+        names = [f.name for f in LayerMemory.__dataclass_fields__.values()]
+        writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        for layer in self.layers:
+            writer.writerow(asdict(layer))
+        if path is not None:
+            with open(path, "w", newline="") as f:
+                f.write(buf.getvalue())
+        return buf.getvalue()
+
+    def plot(self, path: str, depth: int | None = None, title: str | None = None) -> str:
+        """Write a PNG: per-layer stacked bars (params, grads, optimizer, activations) and the memory timeline of
+        the region, with the peak marked. Needs matplotlib (``pip install memopt[plot]``). Returns `path`."""
+        from ._plot import plot_report
+
+        plot_report(self, path, depth=depth, title=title)
+        return path
+
+
+class _Storage:
+    """What the tracker knows about one live storage."""
+
+    __slots__ = ("nbytes", "category", "owner", "phase", "ref")
+
+    def __init__(self, nbytes: int, category: str, owner: str, phase: str) -> None:
+        self.nbytes = nbytes
+        self.category = category
+        self.owner = owner  # the module that allocated it (or saved it, once it is an activation)
+        self.phase = phase  # the phase it was allocated in
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, tracker: "Tracker") -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tracker._after_op(out)
+        return out
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    if hasattr(t, "__tensor_flatten__"):  # wrapper subclasses (DTensor's local shards, ...)
+        names, _ = t.__tensor_flatten__()
+        return [s for n in names if isinstance(getattr(t, n), torch.Tensor) for s in _storages(getattr(t, n))]
+    try:
+        return [t.untyped_storage()]
+    except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers: no plain storage
+        return []
+
+
+def _state_tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors inside an optimizer state entry or a bitsandbytes quantization state."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _state_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _state_tensors(v)]
+    return []
+
+
+def _param_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """A parameter and what makes it up: a bitsandbytes weight's quantization state (absmax, code, nested
+    statistics) and int8 row scales."""
+    found = [p]
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        from .transforms.quant import _state_tensors as quant_state_tensors
+
+        found += quant_state_tensors(state)
+    scb = getattr(p, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        found.append(scb)
+    return found
+
+
+class Tracker:
+    """A running `memopt.track`: counts every storage on the device and which layer made it.
+
+    Use as a context manager, or call `remove` when done; `report` may be called at any time.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any = None, device: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"memopt.track expects an nn.Module, got {type(model).__name__}")
+        optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        # accelerate's AcceleratedOptimizer (what Trainer hands out) wraps the torch optimizer whose hooks fire
+        optimizers = [getattr(o, "optimizer", o) if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer)
+                      else o for o in optimizers]
+        for opt in optimizers:
+            if not hasattr(opt, "state") or not hasattr(opt, "param_groups"):
+                raise TypeError(
+                    f"memopt.track(optimizer=...) expects a torch.optim.Optimizer (or a list of them), got "
+                    f"{type(opt).__name__}"
+                )
+        self.model = model
+        self.device = self._device(model, device)
+        self._fake = False
+        self._cuda = self.device.type == "cuda"
+        self._optimizers: list[Any] = optimizers
+        self._names: dict[nn.Module, str] = {}
+        self._types: dict[str, str] = {}
+        self._depths: dict[str, int] = {}
+        for name, module in model.named_modules():
+            self._names[module] = name
+            self._types[name] = type(module).__name__
+            self._depths[name] = name.count(".") + 1 if name else 0
+        self._types[OUTSIDE] = ""
+
+        self._live: dict[int, _Storage] = {}  # StorageImpl address -> record; removed when the storage dies
+        self._totals = dict.fromkeys(CATEGORIES, 0)
+        self._live_bytes = 0
+        self._peak = 0
+        self._peak_breakdown = dict(self._totals)
+        self._peak_at = {"module": "", "phase": "forward"}
+        self._layer_peak: dict[str, int] = {}
+        self._act_step: dict[str, int] = {}  # bytes saved in the current step, per layer
+        self._act_max: dict[str, int] = {}
+        self._grad_max: dict[str, int] = {}
+        self._fwd_s: dict[str, float] = {}
+        self._bwd_s: dict[str, float] = {}
+        self._calls: dict[str, int] = {}
+        self._order: dict[str, None] = {}  # layers in order of first forward
+        self._active: dict[str, int] = {}  # running modules -> nesting count
+        self._started: dict[tuple[str, bool], list[float]] = {}
+        self._current = OUTSIDE
+        self._phase = "forward"
+        self._in_optimizer = 0
+        self._steps = 0
+        self._ops = 0
+        self._timeline: list[tuple[int, int, str]] = []
+        self._timeline_stride = 1
+        self._post_bw_pending: list = []
+        self._engine_callback = False
+        self._handles: list = []
+        self._mode: _Mode | None = None
+        self._saved_hooks = None
+        self._orig_resize = None
+        self._start()
+
+    # -- setup / teardown ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _device(model: nn.Module, device: Any) -> torch.device:
+        if device is None:
+            device = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:  # compare against tensors' devices, which carry the index
+            current = torch.cuda.current_device() if device.type == "cuda" and torch.cuda.is_available() else 0
+            device = torch.device(device.type, current)
+        return device
+
+    def _start(self) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self._param_storages: dict[str, list[torch.Tensor]] = {}
+        seen: set[int] = set()
+        for name, module in self.model.named_modules():
+            own = []
+            for p in module.parameters(recurse=False):
+                self._fake = self._fake or isinstance(p, FakeTensor)
+                for t in _param_state_tensors(p):
+                    own.append(t)
+            own += list(module.buffers(recurse=False))
+            self._param_storages[name] = own
+            for t in own:
+                for st in self._on_device(t):
+                    if id(st) not in seen:
+                        seen.add(id(st))
+                        self._add(st, "params", name, "forward")
+        for p in self.model.parameters():
+            if p.grad is not None:
+                self._mark(p.grad, "grads")
+            if p.requires_grad and p.is_leaf:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        for opt in self._optimizers:
+            self._mark_optimizer(opt)
+        self._peak = self._live_bytes
+        self._peak_breakdown = dict(self._totals)
+        if self._cuda and not self._fake:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for module in self._names:
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
+        self._handles.append(register_optimizer_step_post_hook(self._post_step))
+        self._orig_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(st: torch.UntypedStorage, size: int) -> None:  # FSDP frees and refills storages in place
+            tracker._orig_resize(st, size)
+            tracker._resized(st)
+
+        torch.UntypedStorage.resize_ = resize_
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+        self._saved_hooks.__enter__()
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+
+    def remove(self) -> None:
+        """Stop tracking: every hook and mode it installed is removed. Idempotent."""
+        if self._mode is None:
+            return
+        if _get_current_dispatch_mode() is not self._mode:
+            raise RuntimeError(
+                "memopt.track: another TorchDispatchMode was entered after the tracker and is still active; "
+                "exit it before removing the tracker (modes are a stack)"
+            )
+        self._finish()
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+        self._saved_hooks.__exit__(None, None, None)
+        torch.UntypedStorage.resize_ = self._orig_resize
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    def _on_device(self, t: torch.Tensor) -> list[torch.UntypedStorage]:
+        if t.device != self.device:
+            return []
+        return _storages(t)
+
+    def _size(self, st: torch.UntypedStorage) -> int:
+        n = st.nbytes()
+        return math.ceil(n / _CUDA_BLOCK) * _CUDA_BLOCK if self._cuda else n
+
+    def _add(self, st: torch.UntypedStorage, category: str, owner: str, phase: str) -> _Storage:
+        info = _Storage(self._size(st), category, owner, phase)
+        key = st._cdata
+        info.ref = weakref.ref(st, lambda _, key=key: self._free(key))
+        self._live[key] = info
+        self._totals[category] += info.nbytes
+        self._live_bytes += info.nbytes
+        return info
+
+    def _free(self, key: int) -> None:
+        info = self._live.pop(key, None)
+        if info is None:
+            return
+        self._totals[info.category] -= info.nbytes
+        self._live_bytes -= info.nbytes
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        info = self._live.get(st._cdata)
+        if info is None:
+            return
+        n = self._size(st)
+        self._totals[info.category] += n - info.nbytes
+        self._live_bytes += n - info.nbytes
+        info.nbytes = n
+        self._record()
+
+    def _move(self, info: _Storage, category: str) -> None:
+        self._totals[info.category] -= info.nbytes
+        self._totals[category] += info.nbytes
+        info.category = category
+
+    def _mark(self, t: torch.Tensor, category: str) -> None:
+        """File `t`'s storages under `category` (counting them if they were not yet)."""
+        for st in self._on_device(t):
+            info = self._live.get(st._cdata)
+            if info is None:
+                self._add(st, category, self._current, self._phase)
+            elif info.category != category and info.category != "params":
+                self._move(info, category)
+
+    def _mark_optimizer(self, opt: Any) -> None:
+        for state in opt.state.values():
+            for t in _state_tensors(state):
+                self._mark(t, "optimizer")
+
+    def _after_op(self, out: Any) -> None:
+        self._ops += 1
+        phase = "optimizer" if self._in_optimizer else "backward" if _in_backward() else "forward"
+        if phase != self._phase:
+            if phase == "backward" and self._phase == "forward":
+                self._forward_left_alive()
+            self._phase = phase
+        if isinstance(out, torch.Tensor):
+            outs: Any = (out,)
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
+            outs = out
+        else:
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        added = False
+        for t in outs:
+            if t is not None and t.device == self.device:
+                for st in _storages(t):
+                    if st._cdata not in self._live:
+                        self._add(st, "optimizer" if self._in_optimizer else "other", self._current, phase)
+                        added = True
+        if added:
+            self._record()
+
+    def _record(self) -> None:
+        live = self._live_bytes
+        for name in self._active:
+            if live > self._layer_peak.get(name, 0):
+                self._layer_peak[name] = live
+        if live > self._peak:
+            self._peak = live
+            self._peak_breakdown = dict(self._totals)
+            self._peak_at = {"module": self._current, "phase": self._phase}
+        self._timeline.append((self._ops, live, self._phase))
+        if len(self._timeline) >= _TIMELINE_MAX:
+            self._timeline = self._timeline[::2]
+            self._timeline_stride *= 2
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Saved-tensors hook: autograd is keeping `t` for backward; it belongs to the innermost running module."""
+        if self._in_optimizer or _in_backward():
+            return t
+        for st in self._on_device(t):
+            info = self._live.get(st._cdata)
+            if info is None:  # created outside the tracker (an input): from now on it is kept for backward
+                info = self._add(st, "other", self._current, "forward")
+            if info.category == "other":
+                self._move(info, "activations")
+                info.owner = self._current
+                self._act_step[self._current] = self._act_step.get(self._current, 0) + info.nbytes
+        return t
+
+    def _forward_left_alive(self) -> None:
+        """Backward starts: what the forward allocated and is still alive waits for backward (outputs, inputs
+        kept by checkpointing, outputs cached by selective checkpointing): activations of the module that made
+        it."""
+        for info in list(self._live.values()):
+            if info.category == "other" and info.phase == "forward" and info.owner != OUTSIDE:
+                self._move(info, "activations")
+                self._act_step[info.owner] = self._act_step.get(info.owner, 0) + info.nbytes
+        self._record()
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._mark(p.grad, "grads")
+
+    def _grads_now(self) -> None:
+        counted: set[int] = set()  # a tied weight's gradient belongs to the first module that owns it
+        for name, tensors in self._param_storages.items():
+            total = 0
+            for t in tensors:
+                g = t.grad if isinstance(t, nn.Parameter) and id(t) not in counted else None
+                counted.add(id(t))
+                if g is not None:
+                    self._mark(g, "grads")
+                    total += sum(self._size(st) for st in self._on_device(g))
+            if total > self._grad_max.get(name, 0):
+                self._grad_max[name] = total
+
+    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not any(opt is o for o in self._optimizers):
+            mine = {id(p) for p in self.model.parameters()}
+            if any(id(p) in mine for g in opt.param_groups for p in g["params"]):
+                self._optimizers.append(opt)  # found at its first step: its earlier state was not counted
+                self._mark_optimizer(opt)
+        self._grads_now()
+        self._in_optimizer += 1
+        self._phase = "optimizer"
+
+    def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._in_optimizer -= 1
+        self._mark_optimizer(opt)
+        if not self._in_optimizer:
+            self._phase = "forward"
+
+    # -- where we are ------------------------------------------------------------------------------------------
+    def _enter(self, name: str, timer: str | None) -> None:
+        self._active[name] = self._active.get(name, 0) + 1
+        if timer is not None:
+            self._started.setdefault((name, timer), []).append(time.perf_counter())
+        self._current = max(self._active, key=self._depths.__getitem__)
+        if self._live_bytes > self._layer_peak.get(name, 0):
+            self._layer_peak[name] = self._live_bytes
+
+    def _exit(self, name: str, timer: str | None) -> None:
+        count = self._active.get(name, 0)
+        if count == 0:  # already closed by the end of backward
+            return
+        if count == 1:
+            del self._active[name]
+        else:
+            self._active[name] = count - 1
+        stack = self._started.get((name, timer)) if timer is not None else None
+        if stack:
+            times = self._bwd_s if timer == "backward" else self._fwd_s
+            times[name] = times.get(name, 0.0) + time.perf_counter() - stack.pop()
+        self._current = max(self._active, key=self._depths.__getitem__) if self._active else OUTSIDE
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        name = self._names.get(module)
+        if name is None:
+            return
+        if _in_backward():  # checkpointing's recompute: counted inside the backward of the block
+            self._enter(name, None)
+            return
+        if name == "":
+            self._new_step()
+        self._phase = "forward"
+        self._order.setdefault(name, None)
+        self._calls[name] = self._calls.get(name, 0) + 1
+        self._enter(name, "forward")
+        if torch.is_grad_enabled():
+            tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
+            done = self._post_backward_fn(name)
+            if tensors:
+                register_multi_grad_hook(tensors, done)
+            else:  # no input needs a gradient: its backward ends with the whole backward
+                self._post_bw_pending.append(done)
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self._names.get(module)
+        if name is None:
+            return
+        if _in_backward():
+            self._exit(name, None)
+            return
+        self._exit(name, "forward")
+        if torch.is_grad_enabled():
+            tensors = [a for a in tree_flatten(output)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
+            if tensors:
+                register_multi_grad_hook(tensors, self._pre_backward_fn(name), mode="any")
+
+    def _pre_backward_fn(self, name: str):
+        def fn(*_: Any) -> None:
+            self._queue_engine_callback()
+            self._enter(name, "backward")
+
+        return fn
+
+    def _post_backward_fn(self, name: str):
+        def fn(*_: Any) -> None:
+            self._exit(name, "backward")
+
+        return fn
+
+    def _queue_engine_callback(self) -> None:
+        if self._engine_callback:
+            return
+        for fn in reversed(self._post_bw_pending):
+            torch.autograd.Variable._execution_engine.queue_callback(fn)
+        self._post_bw_pending.clear()
+
+        def done() -> None:
+            self._active.clear()
+            self._started = {k: v for k, v in self._started.items() if k[1] != "backward"}
+            self._current = OUTSIDE
+            self._engine_callback = False
+
+        torch.autograd.Variable._execution_engine.queue_callback(done)
+        self._engine_callback = True
+
+    def _new_step(self) -> None:
+        """The model's forward starts (outside backward): a new step for the per-step quantities."""
+        self._steps += 1
+        for name, n in self._act_step.items():
+            if n > self._act_max.get(name, 0):
+                self._act_max[name] = n
+        self._act_step = {}
+        self._post_bw_pending.clear()  # left by a forward that had no backward
+
+    def _finish(self) -> None:
+        self._grads_now()
+        for opt in self._optimizers:
+            self._mark_optimizer(opt)
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def reset_peak(self) -> None:
+        """Start a new peak (and breakdown) from the current live bytes; per-layer numbers keep covering the whole
+        region. `memopt.integrations.MemoryCallback` does this at each log, so each logged peak is its interval's."""
+        self._peak = self._live_bytes
+        self._peak_breakdown = dict(self._totals)
+        self._peak_at = {"module": self._current, "phase": self._phase}
+        if self._cuda and not self._fake:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes live on the device now, as the tracker counts them."""
+        return self._live_bytes
+
+    def report(self) -> MemoryReport:
+        """The `MemoryReport` of everything tracked so far (also after `remove`)."""
+        if self._mode is not None:
+            self._grads_now()
+            for opt in self._optimizers:
+                self._mark_optimizer(opt)
+        act = dict(self._act_max)
+        for name, n in self._act_step.items():
+            act[name] = max(act.get(name, 0), n)
+        opt_state: dict[int, torch.Tensor] = {}
+        for opt in self._optimizers:
+            for p, state in opt.state.items():
+                opt_state[id(p)] = state
+        layers = []
+        counted: set[int] = set()
+        names = list(self._order) + [n for n in self._param_storages if n not in self._order]
+        if OUTSIDE in act:
+            names.append(OUTSIDE)
+        for name in names:
+            layer = LayerMemory(name, self._types.get(name, ""))
+            for t in self._param_storages.get(name, []):
+                is_param = isinstance(t, nn.Parameter)
+                for st in self._on_device(t):
+                    if id(st) in counted:  # tied weights: counted for the first module that owns them
+                        continue
+                    counted.add(id(st))
+                    layer.params += t.numel() if is_param else 0
+                    layer.param_bytes += self._size(st)
+                    if is_param and t.requires_grad:
+                        layer.trainable_bytes += self._size(st)
+                if is_param and id(t) in opt_state:
+                    for s in _state_tensors(opt_state[id(t)]):
+                        for st in self._on_device(s):
+                            if id(st) not in counted:
+                                counted.add(id(st))
+                                layer.optimizer_bytes += self._size(st)
+            layer.grad_bytes = self._grad_max.get(name, 0)
+            layer.activation_bytes = act.get(name, 0)
+            layer.peak_bytes = self._layer_peak.get(name, 0)
+            layer.calls = self._calls.get(name, 0)
+            if not self._cuda and not self._fake:
+                layer.forward_s = self._fwd_s.get(name)
+                layer.backward_s = self._bwd_s.get(name)
+            if layer.param_bytes or layer.activation_bytes or layer.grad_bytes or layer.optimizer_bytes:
+                layers.append(layer)
+        peak = self._peak
+        notes = []
+        if self._cuda and not self._fake:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            notes.append(f"peak from torch.cuda.max_memory_allocated; tracked storages peaked at {self._peak} bytes")
+        return MemoryReport(
+            peak_bytes=int(peak),
+            peak_breakdown=dict(self._peak_breakdown),
+            peak_at=dict(self._peak_at),
+            layers=layers,
+            device=str(self.device),
+            steps=self._steps,
+            totals=dict(self._totals),
+            timeline=list(self._timeline),
+            notes=notes,
+        )
+
+
+def track(model: nn.Module, optimizer: Any = None, *, device: Any = None) -> Tracker:
+    """Start tracking where `model`'s memory goes; stop with ``with`` or `Tracker.remove`.
+
+        with memopt.track(model, optimizer) as tracker:
+            loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
+        print(tracker.report())
+
+    Args:
+        model: any `nn.Module`; its parameters, buffers and gradients are counted from the start, and every tensor
+            created on its device while tracking.
+        optimizer: an optimizer (or a list of them) whose state is counted from the start. Without one, an optimizer
+            stepping the model's parameters is found at its first step (its earlier state is counted from then on).
+        device: the device to account (default: the model's). Storages on other devices (e.g. CPU offload) are not
+            counted.
+
+    Cost: one Python call per ATen op and a few hooks per module call (a few percent of a CPU step on a
+    transformer, see ``benchmarks/tracker.py``); memory: a small record per live storage.
+    Works under FakeTensorMode (the estimator uses it) and with everything `memopt.apply` does.
+    """
+    return Tracker(model, optimizer, device)
+
+
+def compare(before: MemoryReport, after: MemoryReport, names: tuple[str, str] = ("before", "after")) -> "Comparison":
+    """Two reports side by side (e.g. before and after `memopt.apply`), with per-layer deltas."""
+    for r in (before, after):
+        if not isinstance(r, MemoryReport):
+            raise TypeError(f"memopt.compare expects two MemoryReport objects, got {type(r).__name__}")
+    return Comparison(before, after, names)
+
+
+@dataclass
+class Comparison:
+    """`memopt.compare`'s result: `str()` prints the table; `ratio` is after's peak over before's."""
+
+    before: MemoryReport
+    after: MemoryReport
+    names: tuple[str, str] = ("before", "after")
+
+    @property
+    def ratio(self) -> float:
+        return self.after.peak_bytes / self.before.peak_bytes if self.before.peak_bytes else float("nan")
+
+    def rows(self, depth: int | None = None) -> list[dict[str, Any]]:
+        """One dict per layer present in either report: name, and each side's param/grad/optimizer/activation/
+        peak bytes, with the deltas (after - before)."""
+        a = {r.name: r for r in self.before.rows(depth)}
+        b = {r.name: r for r in self.after.rows(depth)}
+        out = []
+        for name in list(a) + [n for n in b if n not in a]:
+            row: dict[str, Any] = {"name": name}
+            for attr in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "peak_bytes"):
+                x = getattr(a.get(name), attr, 0) if name in a else 0
+                y = getattr(b.get(name), attr, 0) if name in b else 0
+                row[attr] = (x, y, y - x)
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "ratio": self.ratio, "before": self.before.to_dict(),
+                "after": self.after.to_dict(), "rows": self.rows()}
+
+    def table(self, depth: int | None = None, units: str = "auto") -> str:
+        def b(n: int) -> str:
+            return format_bytes(n, units)
+
+        x, y = self.names
+        head = [f"peak: {x} {b(self.before.peak_bytes)} -> {y} {b(self.after.peak_bytes)} ({self.ratio:.2f}x)"]
+        for cat in CATEGORIES:
+            p, q = self.before.peak_breakdown.get(cat, 0), self.after.peak_breakdown.get(cat, 0)
+            head.append(f"  at the peak, {cat}: {b(p)} -> {b(q)} ({_signed(q - p, b)})")
+        cols = ["layer", f"param {x}", y, f"grad {x}", y, f"activ {x}", y, "delta", f"peak {x}", y]
+        rows = []
+        for r in self.rows(depth):
+            pa, gr, ac, pk = (r[k] for k in ("param_bytes", "grad_bytes", "activation_bytes", "peak_bytes"))
+            rows.append([r["name"] or "<root>", b(pa[0]), b(pa[1]), b(gr[0]), b(gr[1]), b(ac[0]), b(ac[1]),
+                         _signed(ac[2], b), b(pk[0]), b(pk[1])])
+        widths = [max(len(str(v)) for v in col) for col in zip(cols, *rows)]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                 for line in [cols, *rows]]
+        return "\n".join(head + [""] + lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _signed(n: int, fmt) -> str:
+    return ("+" if n > 0 else "-" if n < 0 else "") + fmt(abs(n))
+
+
+def sum_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a storage shared by two tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        for st in _storages(t):
+            seen[id(st)] = st.nbytes()
+    return sum(seen.values())
