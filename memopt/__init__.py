@@ -6,16 +6,19 @@
     with memopt.track(model, optimizer) as tracker:
         ...one training step...
     print(tracker.report())
+    print(memopt.estimate("config.json", batch_size=1, seq_len=2048, dtype="bfloat16", checkpoint=True))
 """
 
 from .api import applied, apply, remove
 from .config import AttentionConfig, CheckpointConfig, LoraSettings, QuantConfig
+from .estimation import Estimate, Plan, estimate, plan
 from .optim import optimizer
 from .tracker import LayerMemory, MemoryReport, compare, track
 from .transforms.attention import register_attention
 
 __all__ = [
-    "apply", "applied", "remove", "optimizer", "register_attention", "track", "compare",
+    "apply", "applied", "remove", "optimizer", "register_attention", "track", "compare", "estimate", "plan",
+    "Estimate", "Plan",
     "AttentionConfig", "CheckpointConfig", "LoraSettings", "QuantConfig", "MemoryReport", "LayerMemory",
 ]
 __version__ = "0.1.0"

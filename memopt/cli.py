@@ -4,10 +4,15 @@
     memopt report CONFIG.json --batch-size B --seq-len S [--checkpoint ...] [--quant ...] [--lora R]
                   [--json | --csv | --plot out.png]
 
+    memopt estimate CONFIG.json --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--checkpoint full] [--quant 4bit]
+                    [--lora 16] [--optimizer adamw] [--device cuda] [--world-size N] [--mode train|generate] [--json]
+    memopt plan CONFIG.json --budget 24GiB --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--json]
+
 `inspect` builds the model from a local transformers config.json on the meta device (no weights, no memory, no
 download), applies memopt and prints what it did to each layer. `report` builds it for real (random weights),
 applies memopt, runs a warm-up training step (so the optimizer state exists) and one tracked step on random
-tokens, and prints the per-layer memory report.
+tokens, and prints the per-layer memory report. `estimate` predicts the peak of a training step (or of generation)
+on fake tensors, without allocating; `plan` finds the cheapest memopt options that fit a budget.
 """
 
 from __future__ import annotations
@@ -62,13 +67,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _dtype(name: str):
-    import torch
+    from .estimation import dtype_from_name
 
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise SystemExit(f"memopt: --dtype {name!r} is not supported; use float32, bfloat16 or float16")
-    return dtypes[name]
+    try:
+        return dtype_from_name(name)
+    except ValueError:
+        raise SystemExit(f"memopt: --dtype {name!r} is not supported; use float32, bfloat16 or float16") from None
 
 
 def _training_loss(model, out):
@@ -126,6 +130,63 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate_kwargs(args: argparse.Namespace) -> dict:
+    return dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
+                world_size=args.world_size)
+
+
+def _fail(exc: Exception) -> SystemExit:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SystemExit(f"memopt: {msg}")
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import memopt
+
+    try:
+        est = memopt.estimate(
+            args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
+            attention=None if args.attention.lower() == "none" else args.attention,
+            quant=None if args.quant.lower() == "none" else args.quant, lora=args.lora or None,
+            **_estimate_kwargs(args),
+        )
+        fits = None if args.budget is None else est.fits(args.budget)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+        raise _fail(exc) from None
+    if args.json:
+        d = est.to_dict()
+        d.pop("report")
+        if fits is not None:
+            d["fits"] = fits
+        print(json.dumps(d, indent=1))
+    else:
+        print(est)
+        if fits is not None:
+            print(f"fits {args.budget}: {'yes' if fits else 'no'}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import memopt
+
+    try:
+        result = memopt.plan(args.config, args.budget, allow_lora=not args.no_lora, **_estimate_kwargs(args))
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+        raise _fail(exc) from None
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
+    return 0 if result.fits else 2
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="path to a transformers config.json (or its folder)")
+    p.add_argument("--batch-size", type=int, default=1, help="per device (default: 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="default: 2048")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default: bfloat16)")
+    p.add_argument("--device", default="cuda", help="cuda | cpu: whose allocator to count as (default: cuda)")
+    p.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks; the estimate is per rank (default: 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memopt", description="Make PyTorch training fit in memory.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     fmt.add_argument("--csv", action="store_true", help="print one CSV row per layer")
     p.add_argument("--plot", metavar="PNG", help="also write the plot to this file (needs matplotlib)")
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("estimate", help="predict a training step's peak memory without allocating (fake tensors)")
+    _add_shape_args(p)
+    p.add_argument("--checkpoint", default="none", help="full | selective | offload | N | none (default: none)")
+    p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
+    p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit | sgd (default: adamw)")
+    p.add_argument("--mode", default="train", help="train | generate (default: train)")
+    p.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB")
+    p.set_defaults(run=_estimate)
+
+    p = sub.add_parser("plan", help="the cheapest memopt options whose estimated peak fits a budget")
+    _add_shape_args(p)
+    p.add_argument("--budget", required=True, help="device memory, e.g. 24GiB or 80GB")
+    p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no quant + LoRA)")
+    p.set_defaults(run=_plan)
     args = parser.parse_args(argv)
     return args.run(args)
 

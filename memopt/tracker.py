@@ -288,13 +288,20 @@ def _param_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
     return found
 
 
+def _logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit weight holds two per byte; its quantization state knows the
+    original shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 class Tracker:
     """A running `memopt.track`: counts every storage on the device and which layer made it.
 
     Use as a context manager, or call `remove` when done; `report` may be called at any time.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any = None, device: Any = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any = None, device: Any = None, round_to: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"memopt.track expects an nn.Module, got {type(model).__name__}")
         optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -311,6 +318,9 @@ class Tracker:
         self.device = self._device(model, device)
         self._fake = False
         self._cuda = self.device.type == "cuda"
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to={round_to!r} must be a positive int number of bytes (512 counts as CUDA does)")
+        self._round = round_to or (_CUDA_BLOCK if self._cuda else 1)
         self._optimizers: list[Any] = optimizers
         self._names: dict[nn.Module, str] = {}
         self._types: dict[str, str] = {}
@@ -375,6 +385,8 @@ class Tracker:
                 for t in _param_state_tensors(p):
                     own.append(t)
             own += list(module.buffers(recurse=False))
+            state = getattr(module, "state", None)  # bitsandbytes' Linear8bitLt moves the row scales here
+            own += [t for t in (getattr(state, "CB", None), getattr(state, "SCB", None)) if isinstance(t, torch.Tensor)]
             self._param_storages[name] = own
             for t in own:
                 for st in self._on_device(t):
@@ -442,7 +454,7 @@ class Tracker:
 
     def _size(self, st: torch.UntypedStorage) -> int:
         n = st.nbytes()
-        return math.ceil(n / _CUDA_BLOCK) * _CUDA_BLOCK if self._cuda else n
+        return n if self._round == 1 else -(-n // self._round) * self._round
 
     def _add(self, st: torch.UntypedStorage, category: str, owner: str, phase: str) -> _Storage:
         info = _Storage(self._size(st), category, owner, phase)
@@ -724,7 +736,7 @@ class Tracker:
                     if id(st) in counted:  # tied weights: counted for the first module that owns them
                         continue
                     counted.add(id(st))
-                    layer.params += t.numel() if is_param else 0
+                    layer.params += _logical_numel(t) if is_param else 0
                     layer.param_bytes += self._size(st)
                     if is_param and t.requires_grad:
                         layer.trainable_bytes += self._size(st)
@@ -761,7 +773,7 @@ class Tracker:
         )
 
 
-def track(model: nn.Module, optimizer: Any = None, *, device: Any = None) -> Tracker:
+def track(model: nn.Module, optimizer: Any = None, *, device: Any = None, round_to: int | None = None) -> Tracker:
     """Start tracking where `model`'s memory goes; stop with ``with`` or `Tracker.remove`.
 
         with memopt.track(model, optimizer) as tracker:
@@ -775,12 +787,14 @@ def track(model: nn.Module, optimizer: Any = None, *, device: Any = None) -> Tra
             stepping the model's parameters is found at its first step (its earlier state is counted from then on).
         device: the device to account (default: the model's). Storages on other devices (e.g. CPU offload) are not
             counted.
+        round_to: count each storage rounded up to a multiple of this many bytes; default 512 on CUDA (the caching
+            allocator's block), 1 elsewhere. `memopt.estimate` counts CPU fake tensors as CUDA would with 512.
 
     Cost: one Python call per ATen op and a few hooks per module call (a few percent of a CPU step on a
     transformer, see ``benchmarks/tracker.py``); memory: a small record per live storage.
     Works under FakeTensorMode (the estimator uses it) and with everything `memopt.apply` does.
     """
-    return Tracker(model, optimizer, device)
+    return Tracker(model, optimizer, device, round_to)
 
 
 def compare(before: MemoryReport, after: MemoryReport, names: tuple[str, str] = ("before", "after")) -> "Comparison":

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
@@ -155,7 +156,7 @@ class _Recipe:
 
 
 def _is_causal(attend: torch.Tensor, t: int, s: int) -> bool:
-    if t != s or attend.shape[-2:] != (t, s):
+    if t != s or attend.shape[-2:] != (t, s) or is_fake(attend):  # fake tensors (estimate): no values to compare
         return False
     tril = torch.ones(t, s, dtype=torch.bool, device=attend.device).tril()
     return bool((attend == tril).all())

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -125,9 +126,9 @@ class _SelectiveContexts:
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, meta)
+    try:  # the StorageImpl's address: one per storage, also for fake tensors (which have no data pointer)
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
         return id(t)
 
 
@@ -162,7 +163,8 @@ class _BufferGuard:
         batch_norm updates its running statistics without bumping theirs."""
         self.slots = [
             slot for slot in self.slots
-            if slot[0]._buffers.get(slot[1]) is not slot[2] or slot[2]._version != slot[3] or not torch.equal(slot[2], slot[4])
+            if slot[0]._buffers.get(slot[1]) is not slot[2] or slot[2]._version != slot[3]
+            or (not is_fake(slot[2]) and not torch.equal(slot[2], slot[4]))  # fake tensors (estimate) have no values
         ]
 
     def run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:

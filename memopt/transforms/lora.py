@@ -136,7 +136,8 @@ def _head_in_float32(model: nn.Module) -> list[Entry]:
         if id(head.weight) in shared:
             entries.append(Entry("lora:head", fqn, "skipped", "tied to the input embedding: stays in its dtype"))
             continue
-        head.float()
+        for p in head.parameters():  # in place, not head.float(): keeps the Parameter objects (and fake tensors)
+            p.data = p.data.float()
         head.register_forward_pre_hook(_float_input)
         entries.append(Entry("lora:head", fqn, "applied", "output head computes in float32 (the loss needs float32 "
                                                           "logits; no half copy kept beside them)"))

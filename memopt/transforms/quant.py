@@ -189,7 +189,7 @@ def quantized_bytes(module: nn.Module) -> int:
 
 
 def _state_tensors(state: Any) -> list[torch.Tensor]:
-    found = [getattr(state, k, None) for k in ("absmax", "code")]
+    found = [getattr(state, k, None) for k in ("absmax", "code", "offset")]
     nested = getattr(state, "state2", None)
     if nested is not None:
         found += [getattr(nested, k, None) for k in ("absmax", "code")]
