@@ -234,8 +234,10 @@ def _cli(*args):
                           timeout=600)
 
 
-def test_cli_estimate_and_plan(tmp_path):
+def test_cli_estimate_and_plan(tmp_path, capsys):
     import transformers
+
+    from memopt.cli import main
 
     transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                              vocab_size=128).save_pretrained(tmp_path)
@@ -244,24 +246,26 @@ def test_cli_estimate_and_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["peak_bytes"] > 0 and set(data["breakdown"]) == {"params", "grads", "optimizer", "activations", "other"}
-    out = _cli("estimate", cfg, "--seq-len", "64", "--budget", "1GiB")
-    assert out.returncode == 0 and "estimated peak" in out.stdout and "fits 1GiB: yes" in out.stdout
-    assert "model.layers.0" in out.stdout
-    out = _cli("plan", cfg, "--seq-len", "64", "--budget", "24GiB")
-    assert out.returncode == 0 and "plan: sdpa" in out.stdout
     out = _cli("plan", cfg, "--seq-len", "64", "--budget", "1KiB")
     assert out.returncode == 2 and "nothing fits" in out.stdout
 
+    # the same entry point in-process (a subprocess per case costs seconds of imports)
+    assert main(["estimate", cfg, "--seq-len", "64", "--budget", "1GiB"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated peak" in text and "fits 1GiB: yes" in text and "model.layers.0" in text
+    assert main(["plan", cfg, "--seq-len", "64", "--budget", "24GiB"]) == 0
+    assert "plan: sdpa" in capsys.readouterr().out
     for args, message in [
         (("estimate", str(tmp_path / "missing.json")), f"memopt: config file not found: {tmp_path / 'missing.json'}"),
         (("estimate", cfg, "--optimizer", "adam9"), "memopt: optimizer='adam9' is not supported"),
         (("plan", cfg, "--budget", "lots"), "memopt: budget='lots' is not a size"),
         (("estimate", cfg, "--checkpoint", "weird"), "memopt: checkpoint='weird' is not supported"),
+        (("estimate", cfg, "--dtype", "int3"), "memopt: dtype='int3' is not supported"),
     ]:
-        bad = _cli(*args)
-        assert bad.returncode not in (0, 2), args
-        lines = [line for line in bad.stderr.strip().splitlines() if "kernels" not in line]
-        assert len(lines) == 1 and lines[0].startswith(message), bad.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        assert isinstance(exit_.value.code, str) and "\n" not in exit_.value.code  # one line, exit status 1
+        assert exit_.value.code.startswith(message), exit_.value.code
 
 
 def test_7b_estimate_is_fast_light_and_where_known_figures_are(tmp_path):

@@ -383,32 +383,33 @@ def test_cuda_peak_agrees_with_max_memory_allocated():
     assert abs(tracked - reference) <= 0.05 * reference  # the storage accounting alone, too
 
 
-def test_cli_report(tmp_path):
+def test_cli_report(tmp_path, capsys):
     import transformers
+
+    from memopt.cli import main
 
     transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                              vocab_size=128).save_pretrained(tmp_path)
     cfg = str(tmp_path / "config.json")
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "memopt", "report", cfg, *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
-
-    out = run("--batch-size", "2", "--seq-len", "16", "--checkpoint", "full", "--depth", "3")
+    out = subprocess.run([sys.executable, "-m", "memopt", "report", cfg, "--batch-size", "2", "--seq-len", "16",
+                          "--checkpoint", "full", "--depth", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "model.layers.1" in out.stdout and "LlamaDecoderLayer" in out.stdout
-    out = run("--batch-size", "2", "--seq-len", "16", "--json", "--plot", str(tmp_path / "m.png"))
-    data = json.loads(out.stdout)
+
+    # the same entry point in-process (a subprocess per case costs seconds of imports)
+    assert main(["report", cfg, "--batch-size", "2", "--seq-len", "16", "--json", "--plot", str(tmp_path / "m.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["peak_bytes"] > 0 and set(data["peak_breakdown"]) == set(CATEGORIES)
-    assert (tmp_path / "m.png").exists() or "matplotlib" in out.stderr
-    out = run("--batch-size", "2", "--seq-len", "16", "--csv")
-    assert out.stdout.startswith("name,type,params")
-    bad = run("--batch-size", "2", "--seq-len", "16", "--quant", "3bit")
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("memopt: quant='3bit' is not supported")
-    bad = run("--batch-size", "0", "--seq-len", "16")
-    assert bad.returncode != 0 and "must be positive" in bad.stderr
-
-
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", cfg, "--batch-size", "2", "--seq-len", "16", "--csv"]) == 0
+    assert capsys.readouterr().out.startswith("name,type,params")
+    for args, message in [(("--quant", "3bit"), "memopt: quant='3bit' is not supported"),
+                          (("--dtype", "int3"), "memopt: --dtype 'int3' is not supported")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["report", cfg, "--batch-size", "2", "--seq-len", "16", *args])
+        assert str(exit_.value.code).startswith(message)
+    with pytest.raises(SystemExit, match="must be positive"):
+        main(["report", cfg, "--batch-size", "0", "--seq-len", "16"])
 def test_trainer_memory_callback(tmp_path):
     import transformers
 
