@@ -250,7 +250,7 @@ class LossConfig:
 
     Args:
         chunk_size: tokens per chunk. Smaller chunks need less memory and run more, smaller matmuls. None: one chunk's
-            float32 logits about the size of the hidden states (Liger-Kernel's rule), at least 128 tokens.
+            float32 logits about the size of the hidden states (Liger-Kernel's rule), at least 256 tokens.
         head: FQN of the output head (an `nn.Linear` whose weight is (vocab, hidden)). None: a transformers causal
             LM's output embedding, or a module named ``lm_head``.
         labels: name of the forward argument that carries the labels. None: ``"labels"``.

@@ -54,10 +54,10 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens per chunk when none is given: one chunk's float32 logits about the size of the hidden states
-    (Liger-Kernel's rule: tokens / ceil(vocab / hidden), rounded up to a power of two), and at least 128 tokens so that
+    (Liger-Kernel's rule: tokens / ceil(vocab / hidden), rounded up to a power of two), and at least 256 tokens so that
     the matmuls stay large enough to run at full speed."""
     per = max(1, math.ceil(tokens / max(1, math.ceil(vocab / hidden))))
-    return max(128, 1 << (per - 1).bit_length())
+    return max(256, 1 << (per - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -76,31 +76,37 @@ def _chunk(
     """Loss per token of one chunk, and (if `row_scale` is given) d(sum of row_scale * loss)/d(logits).
 
     h (C, H) and weight (V, H) in one compute dtype; y (C,) int64; row_scale (C,) float32.
-    Returns (loss (C,) float32, grad_logits (C, V) float32 or None)."""
+    Returns (loss (C,) float32, grad_logits (C, V) float32 or None). The softmax and the gradient are written over
+    the logits: one (C, V) float32 buffer (two with soft-capping)."""
     logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V) compute dtype
     z = logits.float()  # (C, V) float32; the same storage when the compute dtype is float32
     del logits
     capped = None
     if opts.softcap is not None:
-        capped = torch.tanh(z / opts.softcap)  # (C, V), kept for d tanh = 1 - tanh^2
+        capped = z.div_(opts.softcap).tanh_()  # (C, V), kept for d tanh = 1 - tanh^2
         z = capped * opts.softcap
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
     valid = y != opts.ignore_index
     target = torch.where(valid, y, 0).unsqueeze(1)  # (C, 1)
-    loss = lse - z.gather(1, target).squeeze(1)
     eps, vocab = opts.label_smoothing, z.shape[1]
+    z_target = z.gather(1, target)  # (C, 1)
+    z_mean = z.mean(dim=-1, keepdim=True) if eps else None
+    z_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    exp_sum = z.sub_(z_max).exp_().sum(dim=-1, keepdim=True)  # z now holds exp(z - max): (C, V)
+    lse = z_max + exp_sum.log()  # (C, 1)
+    loss = lse - z_target
     if eps:
-        loss = (1 - eps) * loss + eps * (lse - z.mean(dim=-1))
-    loss = torch.where(valid, loss, 0.0)
+        loss = (1 - eps) * loss + eps * (lse - z_mean)
+    loss = torch.where(valid, loss.squeeze(1), 0.0)  # (C,)
     if row_scale is None:
         return loss, None
-    grad = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, written over z: (C, V)
+    # d loss / d z = softmax - (1 - eps) * onehot - eps / V, times the row's scale (0 for ignored tokens).
+    scale = torch.where(valid, row_scale, 0.0).unsqueeze(1)  # (C, 1)
+    grad = z.mul_(scale / exp_sum)
     if eps:
-        grad.sub_(eps / vocab)
-    grad.scatter_add_(1, target, torch.full_like(target, -(1 - eps), dtype=grad.dtype))
-    grad.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(1))
+        grad.sub_(scale * (eps / vocab))
+    grad.scatter_add_(1, target, scale * -(1 - eps))
     if capped is not None:
-        grad.mul_(capped.mul_(capped).neg_().add_(1))  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+        grad.mul_(capped.square_().neg_().add_(1))  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
     return loss, grad
 
 
