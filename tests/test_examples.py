@@ -59,3 +59,9 @@ def test_cli_inspect(tmp_path):
 def test_quant_benchmark_runs():
     out = _run("benchmarks/quant.py", "--hidden", "128", "--layers", "1", "--vocab", "256", "--seq", "32", "--steps", "1")
     assert "| 4-bit + LoRA r16, adamw8bit |" in out and "| bf16: transformers+peft QLoRA r16 (+GC), adamw |" in out
+
+
+def test_loss_benchmark_runs():
+    out = _run("benchmarks/loss.py", "--hidden", "64", "--layers", "2", "--vocabs", "256", "512", "--seq", "64",
+               "--steps", "1")
+    assert out.count("| memopt checkpoint=True + loss='chunked' |") == 2 and "vocab=512" in out
