@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,19 @@ def test_bf16_inputs_accumulate_in_float32():
     err = lambda got, want: ((got.float() - want).norm() / want.norm()).item()  # noqa: E731
     assert err(gw, gw32) <= 1.1 * err(gw_ref, gw32) and err(gw, gw32) < 1e-2
     assert err(gh, gh32) < 1e-2
+
+
+def test_autocast_runs_the_head_in_its_dtype():
+    h, w, b, y = _inputs(True, tokens=(4, 64), hidden=64, vocab=512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = memopt.chunked_cross_entropy(h, w, y, bias=b, chunk_size=16)
+        ref = F.cross_entropy(F.linear(h, w, b).float().view(-1, 512), y.view(-1))  # bf16 logits under autocast
+    grads = torch.autograd.grad(loss, [h, w, b])
+    grads_ref = torch.autograd.grad(ref, [h, w, b])
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == torch.float32  # the parameters' dtype
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 def _saved_shapes(fn) -> list[tuple[int, ...]]:
@@ -249,6 +263,7 @@ def test_logits_to_keep_and_return_dict_false():
     assert out[0].dim() == 0 and all(not (isinstance(o, torch.Tensor) and o.shape[-1:] == (2,)) for o in out[1:])
 
 
+@pytest.mark.filterwarnings("ignore:loss='chunked'")  # a training forward without labels: warned about, tested below
 def test_without_labels_or_in_eval_the_model_is_unchanged():
     ref, model, batch, _ = _pair("llama")
     b = batch(0)
@@ -263,6 +278,18 @@ def test_without_labels_or_in_eval_the_model_is_unchanged():
     torch.testing.assert_close(out.loss, out_ref.loss)
     generated = model.generate(inputs["input_ids"][:1, -4:], max_new_tokens=3, do_sample=False)
     assert torch.equal(generated, ref.generate(inputs["input_ids"][:1, -4:], max_new_tokens=3, do_sample=False))
+
+
+def test_training_forward_without_labels_warns_once():
+    _, model, batch, _ = _pair("qwen2")
+    inputs = {k: v for k, v in batch(0).items() if k != "labels"}
+    model.train()
+    with pytest.warns(UserWarning, match=r"training forward of Qwen2ForCausalLM without labels= computes the full logits") as record:
+        model(**inputs)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**inputs)
 
 
 def test_with_checkpointing_and_lora():

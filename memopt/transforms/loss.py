@@ -22,8 +22,12 @@ only scales the kept gradients by the incoming gradient instead of running the h
 
 The head must be a plain `nn.Linear` (tied to the input embedding or not; frozen or trainable). A head with LoRA
 adapters or a quantized head is refused at `apply` (its weight is not one matrix). The stand-in's values are checked
-after every chunked forward: a model that changes its logits after the head in a way memopt does not know raises
+on the first chunked forward: a model that changes its logits after the head in a way memopt does not know raises
 instead of training on a different loss.
+
+Known limitations: the loss is computed after the model's forward has returned, from the head's weight as it is
+then; a head that FSDP2 reshards on its own after its forward (its own `fully_shard` group with
+`reshard_after_forward=True`) would be seen sharded: keep it in the root's group. One head call per forward.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._log import logger
+from .._log import logger, warn_once
 from .._modules import get_submodule, head_names, transformers_class
 from .._patch import ForwardPatch, install, uninstall
 from .._record import Entry
@@ -146,6 +152,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         need_b = bias is not None and ctx.needs_input_grad[2]
         if opts.reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels)
+            ctx.dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: recompute as the forward ran
             return _loss_only(hidden, weight, bias, labels, scale, opts)
         ctx.used = False
         loss, grads = _forward_with_grads(hidden, weight, bias, labels, scale, opts, need_h, need_w, need_b)
@@ -159,7 +166,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if opts.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
             needs = ctx.needs_input_grad
-            grads = _grads_per_token(hidden, weight, bias, labels, grad_out, opts, needs[0], needs[1],
+            grads = _grads_per_token(hidden, weight, bias, labels, grad_out, opts, ctx.dtype, needs[0], needs[1],
                                      bias is not None and needs[2])
             return (*grads, None, None, None)
         if ctx.used:
@@ -209,9 +216,8 @@ def _forward_with_grads(hidden, weight, bias, labels, scale, opts, need_h, need_
     return total * scale, (grad_h, grad_w, grad_b)
 
 
-def _grads_per_token(hidden, weight, bias, labels, grad_out, opts, need_h, need_w, need_b):
+def _grads_per_token(hidden, weight, bias, labels, grad_out, opts, dtype, need_h, need_w, need_b):
     """reduction='none' backward: each chunk's logits again, weighted by its tokens' incoming gradients."""
-    dtype = _compute_dtype(hidden, weight)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     grad_h = torch.empty_like(hidden) if need_h else None
@@ -562,7 +568,17 @@ class _ChunkedLoss(ForwardPatch):
         s = self.settings
         positional = s.labels_index is not None and len(args) > s.labels_index
         labels = args[s.labels_index] if positional else kwargs.get(s.labels)
-        if labels is None or not (self.module.training and torch.is_grad_enabled()):
+        training = self.module.training and torch.is_grad_enabled()
+        if labels is None or not training:
+            if training:
+                warn_once(
+                    f"loss-no-labels-{type(self.module).__name__}",
+                    f"loss='chunked': a training forward of {type(self.module).__name__} without {s.labels}= "
+                    "computes the full logits (the chunked loss only runs when the model computes its own loss); "
+                    f"pass {s.labels}= to the model instead of computing the loss from its logits (transformers' "
+                    "Trainer with label_smoothing_factor removes the labels: use LossConfig(label_smoothing=...))",
+                    stacklevel=_caller_level(),
+                )
             return self.call_inner(*args, **kwargs)
         if positional:
             args = (*args[: s.labels_index], None, *args[s.labels_index + 1 :])
@@ -659,6 +675,16 @@ class _ChunkedLoss(ForwardPatch):
         if isinstance(out, (tuple, list)):
             return type(out)((None, loss, *out[2:]))
         return {**out, "logits": None, "loss": loss}
+
+
+def _caller_level() -> int:
+    """`warn_once` stacklevel, from `_ChunkedLoss.__call__`, of the frame that called the model: past memopt's and
+    nn.Module's call machinery, whose depth depends on the hooks the model has."""
+    internal = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(nn.modules.module.__file__))
+    frame, level = sys._getframe(2), 2  # the caller of __call__ (level 1 is __call__ itself)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_model_output(out: Any) -> bool:
