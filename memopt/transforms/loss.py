@@ -175,23 +175,22 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 "computed in the forward and scaled in place by the first backward; recompute the loss for each backward"
             )
         ctx.used = True
-        grads = []
-        for g in ctx.saved_tensors:
-            if g is not None and g.numel():
+        grads = ctx.saved_tensors
+        for g in grads:
+            if g is not None:
                 g.mul_(grad_out.to(g.dtype))  # in place: these buffers are this backward's results
-            grads.append(g if g is None or g.numel() else None)
         return (*grads, None, None, None)
 
 
 def _forward_with_grads(hidden, weight, bias, labels, scale, opts, need_h, need_w, need_b):
-    """Loss and the gradients of (hidden, weight, bias) for a unit incoming gradient, chunk by chunk. Gradients not
-    needed are returned as empty tensors (save_for_backward takes tensors or None)."""
+    """Loss and the gradients of (hidden, weight, bias) for a unit incoming gradient, chunk by chunk; None for those
+    not needed."""
     dtype = _compute_dtype(hidden, weight)
     w = weight.to(dtype)  # a (V, H) copy only under autocast or for a hidden/weight dtype mismatch
     b = None if bias is None else bias.to(dtype)
-    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)  # (N, H)
+    grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
     # The weight's gradient sums over every chunk: accumulated in float32 even for a half-precision weight.
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else weight.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     row_scale = scale.to(torch.float32).expand(min(opts.chunk_size, hidden.shape[0]))
@@ -211,7 +210,7 @@ def _forward_with_grads(hidden, weight, bias, labels, scale, opts, need_h, need_
                 else:
                     grad_w += g.t() @ h
             del g
-    grad_w = grad_w.to(weight.dtype) if need_w else grad_w
+    grad_w = grad_w.to(weight.dtype) if need_w else None
     grad_b = grad_b.to(bias.dtype) if need_b else None
     return total * scale, (grad_h, grad_w, grad_b)
 
