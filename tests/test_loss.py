@@ -215,6 +215,12 @@ def test_loss_and_every_gradient_equal_the_models_own(name):
     assert out.logits is None and out.loss is not None
 
 
+def test_naming_the_head_of_a_causal_lm_keeps_its_semantics():
+    ref, model, batch, loss_fn = _pair("llama", head="lm_head", labels="labels")
+    assert "shift=True" in memopt.applied(model).touched("loss")[""]
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
 def test_gemma2_soft_capping_is_read_from_the_config():
     ref, model, batch, loss_fn = _pair("gemma2")
     assert "softcap=2.0" in memopt.applied(model).touched("loss")[""]

@@ -435,6 +435,12 @@ def _not_found_message(model: nn.Module, why: str) -> str:
     )
 
 
+def _named_head(model: nn.Module, fqn: str) -> str:
+    if fqn not in dict(model.named_modules()):
+        raise ValueError(_not_found_message(model, f"LossConfig(head={fqn!r}) matched no module"))
+    return fqn
+
+
 def _plan(model: nn.Module, config: LossConfig) -> _Plan:
     registered = _registered(model)
     if registered is not None:
@@ -444,7 +450,7 @@ def _plan(model: nn.Module, config: LossConfig) -> _Plan:
         )
     found = None if registered is not None else _causal_lm(model)
     hf = False
-    if found is not None and config.head is None and config.labels is None:
+    if found is not None:
         target, module = found
         if not _uses_causal_lm_loss(module):
             raise ValueError(
@@ -453,10 +459,13 @@ def _plan(model: nn.Module, config: LossConfig) -> _Plan:
                 "match its own; pass loss=None"
             )
         hf = True
-        out = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
-        head = next((n for n, m in model.named_modules() if out is not None and m is out), None)
-        if head is None:
-            raise ValueError(_not_found_message(model, f"{type(module).__name__} reports no output embedding"))
+        if config.head is not None:
+            head = _named_head(model, config.head)
+        else:
+            out = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
+            head = next((n for n, m in model.named_modules() if out is not None and m is out), None)
+            if head is None:
+                raise ValueError(_not_found_message(model, f"{type(module).__name__} reports no output embedding"))
     else:
         target, module = "", model
         pretrained = transformers_class("PreTrainedModel")
@@ -465,9 +474,7 @@ def _plan(model: nn.Module, config: LossConfig) -> _Plan:
                 model, "no transformers causal LM (loss='chunked' knows their loss semantics; this one may shift or "
                        "prepare its labels differently)"))
         if config.head is not None:
-            if config.head not in dict(model.named_modules()):
-                raise ValueError(_not_found_message(model, f"LossConfig(head={config.head!r}) matched no module"))
-            head = config.head
+            head = _named_head(model, config.head)
         else:
             heads = sorted(head_names(model))
             if len(heads) != 1:
