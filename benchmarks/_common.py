@@ -26,6 +26,9 @@ def bench_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported), after one warm-up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="step time as wall-clock time, or as this process's CPU time (all threads; CPU device only): "
+                        "steadier when other jobs share the machine")
     return p
 
 
@@ -94,22 +97,24 @@ def run_rows(variants: dict[str, Callable[[], nn.Module]], inputs: dict, args) -
         _step(model, inputs)  # warm-up
         models[name] = model
     times: dict[str, list[float]] = {name: [] for name in variants}
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     for _ in range(args.steps):
         for name, model in models.items():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             _step(model, inputs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return [Row(n, peaks[n], statistics.median(times[n]), losses[n]) for n in variants]
 
 
 def print_table(rows: list[Row], baseline: str, title: str, args) -> None:
     base = next(r for r in rows if r.name == baseline)
     print(f"\n{title}")
-    print(f"machine: {machine(args.device)}; torch {torch.__version__}")
+    clock = " (step time: CPU time of the process, all threads)" if getattr(args, "clock", "wall") == "cpu" else ""
+    print(f"machine: {machine(args.device)}; torch {torch.__version__}{clock}")
     print("| variant | peak memory | vs baseline | step time | vs baseline | loss |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -21,6 +21,9 @@ class Transform:
     plan: Callable[[nn.Module, Any], Any]  # checks the config against the model; must not change the model
     apply: Callable[[nn.Module, Any, Any], list[Entry]]  # (model, config, plan) -> entries; changes the model
     remove: Callable[[nn.Module], None] | None  # undoes `apply`, if the technique can be undone
+    # (model, config, plan, [(other config, other plan)] of the same `apply` call): raises if the other
+    # techniques would change what this plan relies on (a head that quantization would swap, say)
+    check: Callable[[nn.Module, Any, Any, list[tuple[Any, Any]]], None] | None = None
 
 
 _TRANSFORMS: dict[type, Transform] = {}
@@ -33,9 +36,10 @@ def register_transform(
     order: int,
     plan: Callable[[nn.Module, Any], Any],
     remove: Callable[[nn.Module], None] | None = None,
+    check: Callable[[nn.Module, Any, Any, list[tuple[Any, Any]]], None] | None = None,
 ) -> Callable:
     def decorator(apply_fn: Callable[[nn.Module, Any, Any], list[Entry]]) -> Callable:
-        _TRANSFORMS[config_type] = Transform(technique, order, plan, apply_fn, remove)
+        _TRANSFORMS[config_type] = Transform(technique, order, plan, apply_fn, remove, check)
         return apply_fn
 
     return decorator

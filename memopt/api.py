@@ -1,11 +1,15 @@
 """`apply`, `applied`, `remove`: normalise the arguments to configs, check them all, then run the transforms in order.
 
 The fixed order (lower first) and why:
-    quantize (10) -> LoRA (20) -> attention (30) -> checkpoint (40)
+    quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40)
 Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
-blocks whose identity does not change; checkpointing goes last because it only wraps the blocks' `forward` and
-must see their final contents. Separate `apply` calls give the same model in any order, except that quantization
-must come before (or with) LoRA: quantizing after LoRA is refused, since it would quantize the adapters.
+blocks whose identity does not change; the chunked loss patches the forward of the module that takes the labels
+(the model, outside the blocks) and finds the output head after quantization and LoRA have had their say on it (a
+head that either would change in the same call is refused when the plans are checked, before anything changes);
+checkpointing goes last because it only wraps the blocks' `forward` and must see their final contents. Separate
+`apply` calls give the same model in any order, except that quantization must come before (or with) LoRA:
+quantizing after LoRA is refused, since it would quantize the adapters; and a head quantized or given adapters
+after `loss="chunked"` makes the next training forward raise.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn as nn
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import attention_config, checkpoint_config, lora_config, quant_config, with_blocks
+from .config import attention_config, checkpoint_config, lora_config, loss_config, quant_config, with_blocks
 
 
 def apply(
@@ -28,6 +32,7 @@ def apply(
     attention: Any = "sdpa",
     quant: Any = None,
     lora: Any = None,
+    loss: Any = None,
     blocks: Any = None,
 ) -> nn.Module:
     """Make `model` train in less memory. Changes it in place and returns the same object.
@@ -51,6 +56,14 @@ def apply(
         lora: LoRA adapters with PEFT on every Linear-like layer (quantized ones included) but the output head, tied
             weights and nn.MultiheadAttention's projections: an int rank, or a `peft.LoraConfig`. Only the adapters train (float32), so gradients and optimizer state shrink to the
             adapters' size; base `state_dict` keys do not change.
+        loss: ``"chunked"`` computes the output head and the cross-entropy chunk by chunk over tokens in training
+            forwards given labels, so the (batch x seq x vocab) float32 logits, their softmax and their gradient
+            never exist in full: peak memory falls by about 3 x 4 x tokens x vocab bytes, to one chunk's logits plus
+            the head's gradients (kept from the forward, where they are computed, to backward). Same three head
+            matmuls as the plain step, in chunks (no second head forward in backward). The outputs' ``logits`` are
+            None in those forwards; without labels, in ``eval()`` or under ``no_grad`` the model is unchanged.
+            transformers causal LMs are recognised; other models name their head and labels argument with a
+            `memopt.LossConfig` (or `memopt.register_loss`), or call `memopt.chunked_cross_entropy` themselves.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
 
@@ -59,8 +72,8 @@ def apply(
 
     Raises:
         TypeError: `model` is not an `nn.Module`.
-        ValueError: an option has an unknown value, or `blocks=` matched nothing, or no blocks were found. The model
-            is left untouched.
+        ValueError: an option has an unknown value, or `blocks=` matched nothing, or no blocks were found, or
+            `loss=` found no head it can use. The model is left untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
@@ -73,6 +86,7 @@ def apply(
             quant_config(quant),
             lora_config(lora),
             attention_config(attention),
+            loss_config(loss),
             None if ckpt is None else with_blocks(ckpt, blocks),
         )
         if c is not None
@@ -83,6 +97,9 @@ def apply(
     for config in configs:
         transform = transform_for(config)
         plans.append((transform, config, transform.plan(model, config)))
+    for transform, config, plan in plans:
+        if transform.check is not None:
+            transform.check(model, config, plan, [(c, p) for _, c, p in plans if c is not config])
     record = record_of(model, create=True)
     for transform, config, plan in sorted(plans, key=lambda tcp: tcp[0].order):
         entries = transform.apply(model, config, plan)
@@ -101,7 +118,7 @@ def applied(model: nn.Module) -> Applied:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo what can be undone (checkpointing, attention rerouting); returns the model. Parameters are never
+    """Undo what can be undone (checkpointing, attention rerouting, the chunked loss); returns the model. Parameters are never
     touched: quantization and LoRA stay."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.remove expects an nn.Module, got {type(model).__name__}")

@@ -237,6 +237,79 @@ def attention_config(value: Any) -> AttentionConfig | None:
     )
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """The output head and cross-entropy computed chunk by chunk over tokens (`loss="chunked"` is a shorthand for
+    `LossConfig()`): the (tokens x vocab) logits never exist in full, only one chunk's.
+
+    Memory: the logits of a training step (tokens x vocab in float32, with their softmax and gradient: about
+    3 x 4 x tokens x vocab bytes in a plain step) become one chunk's (a few x 4 x chunk_size x vocab bytes), plus the
+    head's gradients, which are computed in the forward and kept until backward (tokens x hidden for the hidden
+    states, vocab x hidden in float32 for a trainable head weight). Time: the same three matmuls as the plain head
+    (the gradient ones run in the forward, so backward does not pay a second head forward), in chunks.
+
+    Args:
+        chunk_size: tokens per chunk. Smaller chunks need less memory and run more, smaller matmuls. None: one chunk's
+            float32 logits about the size of the hidden states (Liger-Kernel's rule), at least 256 tokens.
+        head: FQN of the output head (an `nn.Linear` whose weight is (vocab, hidden)). None: a transformers causal
+            LM's output embedding, or a module named ``lm_head``.
+        labels: name of the forward argument that carries the labels. None: ``"labels"``.
+        shift: whether position t predicts label t + 1 (transformers causal LMs shift inside their loss). None: True
+            for transformers causal LMs, False otherwise (labels already aligned with the positions, as nanoGPT's
+            targets).
+        ignore_index: label value that does not count (its token adds no loss and no gradient).
+        label_smoothing: as in `torch.nn.functional.cross_entropy`.
+        softcap: logits soft-capping, ``cap * tanh(logits / cap)``, as Gemma 2 applies after its head. None: the
+            model config's ``final_logit_softcapping`` for transformers models, no capping otherwise.
+    """
+
+    chunk_size: int | None = None
+    head: str | None = None
+    labels: str | None = None
+    shift: bool | None = None
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"LossConfig(chunk_size={self.chunk_size!r}) must be a positive int (tokens per chunk) "
+                             "or None (chosen from the hidden and vocabulary sizes)")
+        for key in ("head", "labels"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"LossConfig({key}={value!r}) must be a string (an FQN / argument name) or None")
+        if self.shift not in (None, True, False):
+            raise TypeError(f"LossConfig(shift={self.shift!r}) must be True, False or None")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"LossConfig(ignore_index={self.ignore_index!r}) must be an int (usually -100)")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing <= 1.0):
+            raise ValueError(f"LossConfig(label_smoothing={self.label_smoothing!r}) must be a float in [0, 1]")
+        if self.softcap is not None and not (isinstance(self.softcap, (int, float)) and self.softcap > 0):
+            raise ValueError(f"LossConfig(softcap={self.softcap!r}) must be a positive float (e.g. 30.0) or None")
+
+    @property
+    def name(self) -> str:
+        parts = ["chunked"]
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        return ",".join(parts)
+
+
+def loss_config(value: Any) -> LossConfig | None:
+    """Normalise the ``loss=`` argument of `memopt.apply`."""
+    return _normalise(
+        "loss", value, LossConfig, lambda v: LossConfig() if v == "chunked" else None,
+        "'chunked', None or memopt.LossConfig(...)",
+    )
+
+
 _CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
     "full": CheckpointConfig,
     "selective": lambda: CheckpointConfig(policy="selective"),

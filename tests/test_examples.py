@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env() -> dict:
+    """The checkout under test comes first on the path: a script's own folder, not the working directory, starts
+    sys.path, so an editable install of another checkout would otherwise be imported."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def _run(*args: str) -> str:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -52,3 +59,9 @@ def test_cli_inspect(tmp_path):
 def test_quant_benchmark_runs():
     out = _run("benchmarks/quant.py", "--hidden", "128", "--layers", "1", "--vocab", "256", "--seq", "32", "--steps", "1")
     assert "| 4-bit + LoRA r16, adamw8bit |" in out and "| bf16: transformers+peft QLoRA r16 (+GC), adamw |" in out
+
+
+def test_loss_benchmark_runs():
+    out = _run("benchmarks/loss.py", "--hidden", "64", "--layers", "2", "--vocabs", "256", "512", "--seq", "64",
+               "--steps", "1")
+    assert out.count("| memopt checkpoint=True + loss='chunked' |") == 2 and "vocab=512" in out

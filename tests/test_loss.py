@@ -1,0 +1,567 @@
+"""loss='chunked' and chunked_cross_entropy: the same loss and gradients as the model's own, without the logits."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memopt
+from models import HF_MODELS, SEQ, VOCAB, NanoGPT, _causal_lm, _SMALL, nanogpt, train_step
+from test_api import _assert_untouched, _snapshot
+
+CHUNK = 8  # tokens per chunk in the model tests: a batch of 2 x 16 tokens is 4 chunks
+
+MODELS = {
+    "llama": HF_MODELS["llama"],
+    "gpt2": HF_MODELS["gpt2"],  # lm_head tied to transformer.wte
+    "gemma2": _causal_lm("Gemma2Config", **_SMALL, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0),
+    "mistral": HF_MODELS["mistral"],
+    "qwen2": HF_MODELS["qwen2"],
+    "mixtral": _causal_lm("MixtralConfig", **_SMALL, num_key_value_heads=2, num_local_experts=4,
+                          num_experts_per_tok=2, output_router_logits=True),  # + the load-balancing loss
+}
+
+
+def _pair(name: str, **loss_kwargs):
+    """(reference model, chunked copy with the same weights, make_batch, loss_fn)."""
+    torch.manual_seed(0)
+    model, batch, loss_fn = MODELS[name]()
+    ref = copy.deepcopy(model)
+    memopt.apply(model, attention=None, loss=memopt.LossConfig(chunk_size=CHUNK, **loss_kwargs))
+    return ref, model, batch, loss_fn
+
+
+def _assert_same_step(ref, model, batch, loss_fn, **tol):
+    loss_ref, grads_ref = train_step(ref, batch, loss_fn)
+    loss, grads = train_step(model, batch, loss_fn)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The function
+
+
+def _reference(h, w, b, y, reduction="mean", num_items_in_batch=None, label_smoothing=0.0, softcap=None):
+    z = F.linear(h, w, b).float()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    red = "sum" if num_items_in_batch is not None else reduction
+    loss = F.cross_entropy(z.view(-1, z.shape[-1]), y.view(-1), reduction=red, label_smoothing=label_smoothing)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss.view(y.shape) if reduction == "none" else loss
+
+
+def _inputs(bias: bool, dtype=torch.float32, tokens=(5, 9), hidden=16, vocab=50):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(*tokens, hidden, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, vocab, tokens, generator=g)
+    y[0] = -100  # 9 tokens...
+    y[1, :3] = -100  # ...and 3 more: the first chunk of 8 is all ignored
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(reduction="sum"), dict(reduction="none"), dict(num_items_in_batch=20),
+     dict(num_items_in_batch=torch.tensor(7)), dict(label_smoothing=0.1), dict(softcap=3.0),
+     dict(label_smoothing=0.2, softcap=2.0)],
+    ids=["mean", "sum", "none", "num_items", "num_items_tensor", "smoothing", "softcap", "smoothing_softcap"],
+)
+def test_function_equals_cross_entropy_over_the_full_logits(bias, kwargs):
+    h, w, b, y = _inputs(bias)
+    inputs = [t for t in (h, w, b) if t is not None]
+    ref = _reference(h, w, b, y, **kwargs)
+    grad_out = torch.randn_like(ref) if ref.dim() else torch.tensor(1.7)  # backward scales by the incoming gradient
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    loss = memopt.chunked_cross_entropy(h, w, y, bias=b, chunk_size=8, **kwargs)
+    grads = torch.autograd.grad(loss, inputs, grad_out)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
+
+
+def test_default_chunk_size_and_one_chunk_give_the_same_result():
+    h, w, b, y = _inputs(True)
+    ref = _reference(h, w, b, y)
+    for chunk_size in (None, 1, 45, 1000):
+        torch.testing.assert_close(memopt.chunked_cross_entropy(h, w, y, bias=b, chunk_size=chunk_size), ref)
+    assert memopt.transforms.loss.default_chunk_size(2048, 512, 32000) == 256  # Liger's rule says 64: raised to the floor
+    assert memopt.transforms.loss.default_chunk_size(65536, 4096, 128256) == 2048
+
+
+def test_bf16_inputs_accumulate_in_float32():
+    h, w, _, y = _inputs(False, torch.bfloat16, tokens=(4, 64), hidden=64, vocab=512)
+    loss = memopt.chunked_cross_entropy(h, w, y, chunk_size=16)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
+    # transformers' bf16 step: bf16 logits, upcast for the loss, gradients back through the bf16 head.
+    ref = F.cross_entropy(F.linear(h, w).float().view(-1, 512), y.view(-1))
+    gh_ref, gw_ref = torch.autograd.grad(ref, [h, w])
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, gh_ref)  # bf16 tolerances
+    # Against float32 throughout, on the same (bf16-rounded) values: the weight's gradient, a sum over every chunk,
+    # is no further from it than transformers' bf16 one (a single matmul), and both are within bf16 rounding.
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref32 = F.cross_entropy((h32 @ w32.t()).view(-1, 512), y.view(-1))
+    gh32, gw32 = torch.autograd.grad(ref32, [h32, w32])
+    err = lambda got, want: ((got.float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(gw, gw32) <= 1.1 * err(gw_ref, gw32) and err(gw, gw32) < 1e-2
+    assert err(gh, gh32) < 1e-2
+
+
+def test_autocast_runs_the_head_in_its_dtype():
+    h, w, b, y = _inputs(True, tokens=(4, 64), hidden=64, vocab=512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = memopt.chunked_cross_entropy(h, w, y, bias=b, chunk_size=16)
+        ref = F.cross_entropy(F.linear(h, w, b).float().view(-1, 512), y.view(-1))  # bf16 logits under autocast
+    grads = torch.autograd.grad(loss, [h, w, b])
+    grads_ref = torch.autograd.grad(ref, [h, w, b])
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == torch.float32  # the parameters' dtype
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def _saved_shapes(fn) -> list[tuple[int, ...]]:
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return shapes, out
+
+
+def test_frozen_weight_costs_no_weight_gradient():
+    h, w, _, y = _inputs(False)
+    w.requires_grad_(False)
+    shapes, loss = _saved_shapes(lambda: memopt.chunked_cross_entropy(h, w, y, chunk_size=8))
+    assert (45, 16) in shapes and not any(50 in s for s in shapes)  # hidden's gradient (N, H), nothing (V, H)
+    (gh,) = torch.autograd.grad(loss, [h])
+    torch.testing.assert_close(gh, torch.autograd.grad(_reference(h, w, None, y), [h])[0])
+    # And the other way round: a frozen input (hidden from a frozen body), a trainable head.
+    h2 = h.detach()
+    w.requires_grad_(True)
+    shapes, loss = _saved_shapes(lambda: memopt.chunked_cross_entropy(h2, w, y, chunk_size=8))
+    assert (50, 16) in shapes and (45, 16) not in shapes
+    torch.testing.assert_close(torch.autograd.grad(loss, [w])[0],
+                               torch.autograd.grad(_reference(h2, w, None, y), [w])[0])
+
+
+def test_no_grad_computes_the_loss_only():
+    h, w, b, y = _inputs(True)
+    with torch.no_grad():
+        loss = memopt.chunked_cross_entropy(h, w, y, bias=b, chunk_size=8)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, _reference(h, w, b, y).detach())
+
+
+def test_second_backward_through_the_kept_gradients_is_refused():
+    h, w, _, y = _inputs(False)
+    loss = memopt.chunked_cross_entropy(h, w, y, chunk_size=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(weight=torch.zeros(50, 15)), ValueError, r"hidden \(5, 9, 16\) and weight \(50, 15\) do not fit"),
+        (dict(labels=torch.zeros(5, 8, dtype=torch.long)), ValueError, r"labels \(5, 8\) must have hidden's shape"),
+        (dict(labels=torch.zeros(5, 9)), TypeError, r"labels must be integer class indices, got torch.float32"),
+        (dict(bias=torch.zeros(49)), ValueError, r"bias \(49,\) must be \(vocab,\) = \(50,\)"),
+        (dict(reduction="avg"), ValueError, r"reduction='avg'\) is not supported; use one of \('mean', 'sum', 'none'\)"),
+        (dict(chunk_size=0), ValueError, r"chunk_size=0\) must be a positive int"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing=1.5\) must be in \[0, 1\]"),
+        (dict(softcap=0.0), ValueError, r"softcap=0.0\) must be positive"),
+        (dict(reduction="none", num_items_in_batch=3), ValueError, r"cannot be combined with reduction='none'"),
+    ],
+)
+def test_function_bad_input(kwargs, error, match):
+    h, w, _, y = _inputs(False)
+    args = {"hidden": h, "weight": w, "labels": y, **kwargs}
+    with pytest.raises(error, match=match):
+        memopt.chunked_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers causal LMs
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loss_and_every_gradient_equal_the_models_own(name):
+    ref, model, batch, loss_fn = _pair(name)
+    b = batch(0)
+    b["labels"][1, :10] = -100  # with the shift, row 1's first chunk of 8 positions has nothing to predict
+    _assert_same_step(ref, model, b, loss_fn)
+    model.train()
+    out = model(**b)
+    assert out.logits is None and out.loss is not None
+
+
+def test_naming_the_head_of_a_causal_lm_keeps_its_semantics():
+    ref, model, batch, loss_fn = _pair("llama", head="lm_head", labels="labels")
+    assert "shift=True" in memopt.applied(model).touched("loss")[""]
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+def test_gemma2_soft_capping_is_read_from_the_config():
+    ref, model, batch, loss_fn = _pair("gemma2")
+    assert "softcap=2.0" in memopt.applied(model).touched("loss")[""]
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+def test_tied_head_gradient_reaches_the_embedding():
+    ref, model, batch, loss_fn = _pair("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "tied to transformer.wte.weight" in memopt.applied(model).touched("loss")["lm_head"]
+    _, grads = train_step(model, batch(0), loss_fn)
+    _, grads_ref = train_step(ref, batch(0), loss_fn)
+    torch.testing.assert_close(grads["transformer.wte.weight"], grads_ref["transformer.wte.weight"])
+
+
+def test_num_items_in_batch_and_label_smoothing():
+    ref, model, batch, _ = _pair("llama")
+    b = {**batch(0), "num_items_in_batch": torch.tensor(11)}
+    _assert_same_step(ref, model, b, lambda m, x: m(**x).loss)
+    ref, model, batch, _ = _pair("llama", label_smoothing=0.1)
+    b = batch(0)
+
+    def smoothed(m, x):  # the reference: transformers' logits, cross-entropy with smoothing, shifted by hand
+        logits = m(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        labels = F.pad(x["labels"], (0, 1), value=-100)[:, 1:]
+        return F.cross_entropy(logits.view(-1, VOCAB).float(), labels.reshape(-1), label_smoothing=0.1)
+
+    loss_ref, grads_ref = train_step(ref, b, smoothed)
+    loss, grads = train_step(model, b, lambda m, x: m(**x).loss)
+    torch.testing.assert_close(loss, loss_ref)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n])
+
+
+def test_logits_to_keep_and_return_dict_false():
+    ref, model, batch, loss_fn = _pair("llama")
+    b = batch(0)
+    b["labels"] = b["labels"][:, -6:]  # labels for the kept positions, as transformers expects them then
+    kept = lambda m, x: m(**x, logits_to_keep=6).loss  # noqa: E731
+    _assert_same_step(ref, model, b, kept)
+    loss_ref, _ = train_step(ref, batch(0), loss_fn)
+    model.train()
+    out = model(**batch(0), return_dict=False)
+    assert isinstance(out, tuple) and not any(o is None for o in out)
+    torch.testing.assert_close(out[0], loss_ref)
+    assert out[0].dim() == 0 and all(not (isinstance(o, torch.Tensor) and o.shape[-1:] == (2,)) for o in out[1:])
+
+
+@pytest.mark.filterwarnings("ignore:loss='chunked'")  # a training forward without labels: warned about, tested below
+def test_without_labels_or_in_eval_the_model_is_unchanged():
+    ref, model, batch, _ = _pair("llama")
+    b = batch(0)
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    for mode in ("train", "eval"):
+        getattr(ref, mode)()
+        getattr(model, mode)()
+        torch.testing.assert_close(model(**inputs).logits, ref(**inputs).logits)
+    with torch.no_grad():  # evaluation with labels: loss and logits, for metrics
+        out, out_ref = model(**b), ref(**b)
+    torch.testing.assert_close(out.logits, out_ref.logits)
+    torch.testing.assert_close(out.loss, out_ref.loss)
+    generated = model.generate(inputs["input_ids"][:1, -4:], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, ref.generate(inputs["input_ids"][:1, -4:], max_new_tokens=3, do_sample=False))
+
+
+def test_training_forward_without_labels_warns_once():
+    _, model, batch, _ = _pair("qwen2")
+    inputs = {k: v for k, v in batch(0).items() if k != "labels"}
+    model.train()
+    with pytest.warns(UserWarning, match=r"training forward of Qwen2ForCausalLM without labels= computes the full logits") as record:
+        model(**inputs)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**inputs)
+
+
+def test_with_checkpointing_and_lora():
+    ref, model, batch, loss_fn = _pair("llama")
+    memopt.apply(ref, checkpoint=True)
+    memopt.apply(model, checkpoint=True)  # a second apply keeps the loss patch
+    assert memopt.applied(model).touched("loss") and memopt.applied(model).touched("checkpoint")
+    _assert_same_step(ref, model, batch(0), loss_fn)
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = MODELS["llama"]()[0]
+    ref, model = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(1)
+    memopt.apply(ref, lora=8, checkpoint=True, attention=None)
+    torch.manual_seed(1)
+    memopt.apply(model, lora=8, checkpoint=True, attention=None, loss=memopt.LossConfig(chunk_size=CHUNK))
+    assert "frozen: no weight gradient" in memopt.applied(model).touched("loss")["lm_head"]
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+def test_with_4bit_quantization_and_lora():
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)  # 4-bit CPU: in % 64 == 0
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    ref, model = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(1)
+    memopt.apply(ref, quant="4bit", lora=8, checkpoint=True)
+    torch.manual_seed(1)
+    memopt.apply(model, quant="4bit", lora=8, checkpoint=True, loss=memopt.LossConfig(chunk_size=CHUNK))
+    assert memopt.applied(model).touched("quant")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    _assert_same_step(ref, model, {"input_ids": ids, "labels": ids}, lambda m, x: m(**x).loss, rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_keys_unchanged_remove_deepcopy_and_pickle():
+    torch.manual_seed(0)
+    model, batch, loss_fn = MODELS["gpt2"]()
+    keys = list(model.state_dict())
+    memopt.apply(model, loss="chunked")
+    assert list(model.state_dict()) == keys
+    assert isinstance(memopt.applied(model).configs["loss"], memopt.LossConfig)
+    for copied in (copy.deepcopy(model), _pickled(model)):
+        copied.train()
+        assert copied(**batch(0)).logits is None
+        torch.testing.assert_close(loss_fn(copied, batch(0)), loss_fn(model, batch(0)))
+    memopt.remove(model)
+    assert "forward" not in model.__dict__ and not memopt.applied(model).touched("loss")
+    model.train()
+    assert model(**batch(0)).logits.shape == (2, SEQ, VOCAB)
+
+
+def _pickled(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hand-written models
+
+
+def test_handwritten_model_with_loss_config():
+    torch.manual_seed(0)
+    model, batch, loss_fn = nanogpt()
+    ref = copy.deepcopy(model)
+    memopt.apply(model, loss=memopt.LossConfig(head="lm_head", labels="targets", chunk_size=CHUNK))
+    assert memopt.applied(model).touched("loss").keys() == {"", "lm_head"}
+    _assert_same_step(ref, model, batch(0), loss_fn)
+    model.eval()
+    torch.testing.assert_close(model(batch(0)["idx"]), ref.eval()(batch(0)["idx"]))  # no targets: the logits
+
+
+class _TupleGPT(NanoGPT):
+    """nanoGPT's own contract: forward(idx, targets=None) -> (logits, loss or None)."""
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.transformer.ln_f(self._body(idx)))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def _body(self, idx):
+        pos = torch.arange(idx.shape[1])
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return x
+
+
+def test_register_loss_and_a_logits_loss_tuple():
+    torch.manual_seed(0)
+    model = _TupleGPT()
+    ref = copy.deepcopy(model)
+    memopt.register_loss(_TupleGPT, head="lm_head", labels="targets")
+    memopt.apply(model, loss=memopt.LossConfig(ignore_index=-1, chunk_size=CHUNK))
+    _, batch, _ = nanogpt()
+    b = batch(0)
+    b["targets"][0, :5] = -1
+    _assert_same_step(ref, model, b, lambda m, x: m(**x)[1])
+    model.train()
+    logits, loss = model(**b)
+    assert logits is None and loss.dim() == 0
+
+
+class _CallsTheFunction(NanoGPT):
+    """A hand-written model that computes its loss with memopt.chunked_cross_entropy itself."""
+
+    def forward(self, idx, targets=None):
+        x = self.transformer.ln_f(_TupleGPT._body(self, idx))
+        if targets is None:
+            return self.lm_head(x)
+        return memopt.chunked_cross_entropy(x, self.lm_head.weight, targets, chunk_size=CHUNK)
+
+
+def test_handwritten_model_calling_the_function():
+    torch.manual_seed(0)
+    model = _CallsTheFunction()
+    ref = NanoGPT()
+    ref.load_state_dict(model.state_dict())
+    _, batch, loss_fn = nanogpt()
+    _assert_same_step(ref, model, batch(0), loss_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals: a clear error, the model untouched
+
+
+class _NoHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.out = nn.Linear(8, VOCAB)
+
+    def forward(self, x, labels=None):
+        return self.out(self.body(x))
+
+
+def _bert():
+    import transformers
+
+    return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, **_SMALL))
+
+
+def _peft_lora_on_head():
+    import peft
+
+    return peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+
+
+@pytest.mark.parametrize(
+    "build, kwargs, match",
+    [
+        (lambda: nanogpt()[0], dict(loss="fused"), r"loss='fused' is not supported; use 'chunked', None or memopt.LossConfig"),
+        (lambda: nanogpt()[0], dict(loss="chunked"), r"NanoGPT.forward has no argument 'labels' \(it takes \['idx', 'targets'\]\); name the one carrying the labels with LossConfig\(labels=...\)"),
+        (_NoHead, dict(loss="chunked"), r"found no output head \(no module named lm_head\) in _NoHead. Name the head .*LossConfig\(head='lm_head', labels='targets'\).*memopt.register_loss\(_NoHead, .*memopt.chunked_cross_entropy"),
+        (_NoHead, dict(loss=memopt.LossConfig(head="head")), r"LossConfig\(head='head'\) matched no module"),
+        (lambda: nanogpt()[0], dict(loss=memopt.LossConfig(head="transformer.h", labels="targets")), r"'transformer.h' is a ModuleList, not an nn.Linear"),
+        (_bert, dict(loss="chunked"), r"no transformers causal LM .* in BertForMaskedLM"),
+        (lambda: MODELS["llama"]()[0], dict(loss="chunked", quant=memopt.QuantConfig(skip_head=False, blocksize=32)), r"quantized head 'lm_head'.*QuantConfig\(skip_head=True\)"),
+        (lambda: MODELS["llama"]()[0], dict(loss="chunked", lora="peft-head"), r"target_modules include the output head 'lm_head'"),
+    ],
+    ids=["bad-value", "no-labels-arg", "no-head", "head-not-found", "head-not-linear", "bert", "quantized-head", "lora-head"],
+)
+def test_bad_input_raises_and_leaves_the_model_untouched(build, kwargs, match):
+    if "quant" in kwargs:
+        pytest.importorskip("bitsandbytes")
+    if kwargs.get("lora") == "peft-head":
+        pytest.importorskip("peft")
+        kwargs = {**kwargs, "lora": _peft_lora_on_head()}
+    model = build()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        memopt.apply(model, **kwargs)
+    _assert_untouched(model, before)
+
+
+def test_head_changed_after_apply_raises_at_the_next_training_forward():
+    pytest.importorskip("peft")
+    import peft
+
+    ref, model, batch, _ = _pair("llama")
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["lm_head"]), model)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"'lm_head' has LoRA adapters .* \(it changed after memopt.apply\)"):
+        model(**batch(0))
+
+
+def test_unknown_logit_postprocessing_is_refused_not_trained_on():
+    class Scaled(NanoGPT):
+        def forward(self, idx, targets=None):
+            logits = self.lm_head(self.transformer.ln_f(_TupleGPT._body(self, idx))) * 0.5
+            return logits if targets is None else F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+    model = Scaled()
+    memopt.apply(model, loss=memopt.LossConfig(labels="targets"))
+    _, batch, _ = nanogpt()
+    with pytest.raises(RuntimeError, match=r"does something to the head's output that memopt does not model"):
+        model.train()(**batch(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(chunk_size=0), ValueError, r"chunk_size=0\) must be a positive int"),
+        (dict(head=3), TypeError, r"head=3\) must be a string"),
+        (dict(label_smoothing=2), ValueError, r"label_smoothing=2\) must be a float in \[0, 1\]"),
+        (dict(softcap=-1.0), ValueError, r"softcap=-1.0\) must be a positive float"),
+        (dict(shift="yes"), TypeError, r"shift='yes'\) must be True, False or None"),
+    ],
+)
+def test_bad_loss_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        memopt.LossConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def test_no_logits_sized_tensor_is_saved_for_backward():
+    ref, model, batch, loss_fn = _pair("llama")
+    tokens = 2 * SEQ
+    for m, expect_logits in ((ref, True), (model, False)):
+        m.train()
+        shapes, loss = _saved_shapes(lambda: loss_fn(m, batch(0)))
+        loss.backward()
+        vocab_sized = [s for s in shapes if VOCAB in s and s != (VOCAB, 32)]  # (vocab, hidden): the head's weight
+        largest = max((torch.Size(s).numel() for s in vocab_sized), default=0)
+        if expect_logits:
+            assert largest >= tokens * VOCAB  # the check sees the reference's logits
+        else:
+            assert largest <= CHUNK * VOCAB, vocab_sized
+
+
+def _peak(model, batch) -> int:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model.train()
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        model(**batch).loss.backward()
+    return next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_peak_falls_by_about_the_logits(checkpoint):
+    import transformers
+
+    vocab, tokens = 4096, 2 * 128
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    plain, chunked = copy.deepcopy(base), copy.deepcopy(base)
+    memopt.apply(plain, checkpoint=checkpoint)
+    memopt.apply(chunked, checkpoint=checkpoint, loss=memopt.LossConfig(chunk_size=32))
+    logits = tokens * vocab * 4  # float32
+    saved = _peak(plain, batch) - _peak(chunked, batch)
+    # The plain step holds the logits, their log-softmax and their gradient (3 x logits); the chunked one, one chunk
+    # of them (1/8 of the tokens) a few times over.
+    assert 1.5 * logits <= saved <= 3.5 * logits, (saved / logits)
