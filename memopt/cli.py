@@ -1,7 +1,7 @@
 """memopt's command line: thin argparse over the library.
 
     memopt inspect CONFIG.json [--checkpoint full|selective|offload|N] [--attention sdpa|none]
-    memopt report CONFIG.json --batch-size B --seq-len S [--checkpoint ...] [--quant ...] [--lora R]
+    memopt report CONFIG.json --batch-size B --seq-len S [--checkpoint ...] [--quant ...] [--lora R] [--loss chunked]
                   [--json | --csv | --plot out.png]
 
     memopt estimate CONFIG.json --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--checkpoint full] [--quant 4bit]
@@ -96,7 +96,7 @@ def _report(args: argparse.Namespace) -> int:
     quant = None if args.quant.lower() == "none" else args.quant
     try:
         memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=attention, quant=quant,
-                     lora=args.lora or None)
+                     lora=args.lora or None, loss=None if args.loss.lower() == "none" else args.loss)
         optimizer = memopt.optimizer(model, args.optimizer)
     except (ValueError, TypeError, NotImplementedError, ImportError) as exc:
         raise SystemExit(f"memopt: {exc}") from None
@@ -148,7 +148,7 @@ def _estimate(args: argparse.Namespace) -> int:
             args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
             attention=None if args.attention.lower() == "none" else args.attention,
             quant=None if args.quant.lower() == "none" else args.quant, lora=args.lora or None,
-            **_estimate_kwargs(args),
+            loss=None if args.loss.lower() == "none" else args.loss, **_estimate_kwargs(args),
         )
         fits = None if args.budget is None else est.fits(args.budget)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
     p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
+    p.add_argument("--loss", default="none", help="chunked | none (default: none)")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit (default: adamw)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit | sgd (default: adamw)")
+    p.add_argument("--loss", default="none", help="chunked | none (default: none)")
     p.add_argument("--mode", default="train", help="train | generate (default: train)")
     p.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB")
     p.set_defaults(run=_estimate)

@@ -406,6 +406,7 @@ def estimate(
     attention: Any = "sdpa",
     quant: Any = None,
     lora: Any = None,
+    loss: Any = None,
     blocks: Any = None,
 ) -> Estimate:
     """Predict the peak memory of a training step (or of generation) without allocating it.
@@ -424,7 +425,8 @@ def estimate(
         world_size: FSDP2 ranks; the estimate is per rank (see notes for the model of sharding used).
         mode: ``"train"`` (a steady-state step: forward, backward, optimizer step with its state present) or
             ``"generate"`` (weights, the KV cache of ``seq_len`` tokens for ``batch_size`` sequences, the prefill).
-        checkpoint, attention, quant, lora, blocks: as `memopt.apply`.
+        checkpoint, attention, quant, lora, loss, blocks: as `memopt.apply` (``loss="chunked"``: the head and loss
+            chunk by chunk, the logits never whole).
 
     Cost: two fake steps (a warm-up that creates the optimizer state, and the tracked one); seconds for small
     models, ~15 s for a 7B config on 2 CPU cores, a few hundred MB of RAM.
@@ -479,7 +481,8 @@ def estimate(
             done, skipped = _fake_quantize(net, qconfig)
             notes.append(f"quant={qconfig.name!r}: {done} layers stood in by bitsandbytes' exact storage layout "
                          f"({skipped} skipped, as memopt.apply would); matmuls dequantize to a temporary")
-        options = {k: v for k, v in dict(checkpoint=checkpoint, attention=attention, lora=lora, blocks=blocks).items()
+        options = {k: v for k, v in dict(checkpoint=checkpoint, attention=attention, lora=lora, loss=loss,
+                                         blocks=blocks).items()
                    if v not in (None, False) or k == "attention"}
         with _adapters_stay_put(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*offload.*CPU-only model.*")  # fake tensors live on CPU

@@ -27,6 +27,7 @@ Cost: a Python call per ATen op and a few hooks per module call: a few percent o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -225,6 +226,23 @@ class MemoryReport:
         return path
 
 
+_RUNNING: list["Tracker"] = []  # trackers between start and remove, for `counted_as`
+
+
+@contextlib.contextmanager
+def counted_as(module: nn.Module):
+    """Count what runs inside as `module`'s own work in every running tracker: for code that does a module's job
+    without calling it (the chunked loss computes the output head's matmuls itself)."""
+    trackers = [t for t in _RUNNING if module in t._names]
+    for t in trackers:
+        t._enter_scope(module)
+    try:
+        yield
+    finally:
+        for t in trackers:
+            t._exit_scope(module)
+
+
 class _Storage:
     """What the tracker knows about one live storage."""
 
@@ -421,6 +439,7 @@ class Tracker:
         self._saved_hooks.__enter__()
         self._mode = _Mode(self)
         self._mode.__enter__()
+        _RUNNING.append(self)
 
     def remove(self) -> None:
         """Stop tracking: every hook and mode it installed is removed. Idempotent."""
@@ -432,6 +451,7 @@ class Tracker:
                 "exit it before removing the tracker (modes are a stack)"
             )
         self._finish()
+        _RUNNING.remove(self)
         self._mode.__exit__(None, None, None)
         self._mode = None
         self._saved_hooks.__exit__(None, None, None)
@@ -617,6 +637,17 @@ class Tracker:
             times = self._bwd_s if timer == "backward" else self._fwd_s
             times[name] = times.get(name, 0.0) + time.perf_counter() - stack.pop()
         self._current = max(self._active, key=self._depths.__getitem__) if self._active else OUTSIDE
+
+    def _enter_scope(self, module: nn.Module) -> None:
+        name = self._names[module]
+        bw = _in_backward()
+        if not bw:
+            self._order.setdefault(name, None)
+            self._calls[name] = self._calls.get(name, 0) + 1
+        self._enter(name, None if bw else "forward")
+
+    def _exit_scope(self, module: nn.Module) -> None:
+        self._exit(self._names[module], None if _in_backward() else "forward")
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         name = self._names.get(module)

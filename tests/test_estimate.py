@@ -325,3 +325,19 @@ def test_estimate_agrees_with_cuda_max_memory_allocated(options):
     measured = torch.cuda.max_memory_allocated()
     print(f"estimate {est.peak_bytes} measured {measured} (resident before the step {base})")
     assert abs(est.peak_bytes - measured) <= 0.05 * measured
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_estimate_accounts_for_the_chunked_loss(checkpoint):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4)
+    kw = dict(batch_size=2, seq_len=64, device="cpu", dtype=torch.float32, checkpoint=checkpoint)
+    plain = memopt.estimate(config, **kw)
+    chunked = memopt.estimate(config, loss="chunked", **kw)
+    ours, _ = _measured(config, batch_size=2, seq_len=64, checkpoint=checkpoint, loss="chunked")
+    assert abs(chunked.peak_bytes - ours) <= 0.05 * ours, (chunked.peak_bytes, ours)
+    assert chunked.peak_bytes < plain.peak_bytes
+    assert chunked.report.layer("lm_head").activation_bytes < plain.report.layer("lm_head").activation_bytes + \
+        plain.report.layer("").activation_bytes

@@ -439,3 +439,19 @@ def test_trainer_memory_callback(tmp_path):
     assert report.steps == 4 and report.peak_bytes >= max(h["memory/peak_MiB"] for h in logged) * 2**20 * 0.99
     assert "model.layers.1" in (tmp_path / "memory_report.txt").read_text()
     assert callback.tracker is None and _hooks_left(model) == []
+
+
+def test_chunked_loss_is_the_heads_own_row():
+    model, opt, b, loss_fn = _setup("llama")
+    with memopt.track(model, opt) as plain:
+        _opt_step(model, opt, b, loss_fn)
+    memopt.apply(model, loss="chunked")
+    with memopt.track(model, opt) as chunked:
+        _opt_step(model, opt, b, loss_fn)
+    p, c = plain.report(), chunked.report()
+    head = c.layer("lm_head")
+    assert head.calls == 2  # the head's stand-in call, and the chunked loss counted as its own work
+    assert head.peak_bytes > 0 and head.forward_s is not None
+    # the root no longer keeps the log-softmax of the whole logits (it keeps nothing: no row at all)
+    assert "" not in [layer.name for layer in c.layers] and p.layer("").activation_bytes > 0
+    assert c.peak_bytes < p.peak_bytes

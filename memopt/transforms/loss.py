@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from .._log import logger, warn_once
@@ -631,16 +632,21 @@ class _ChunkedLoss(ForwardPatch):
                     f"{tuple(hidden.shape)} (one label per position the head sees)"
                 )
             targets = targets.reshape(hidden.shape[:-1])
-        loss = chunked_cross_entropy(
-            hidden, weight, targets, bias=bias, ignore_index=cfg.ignore_index,
-            num_items_in_batch=kwargs.get("num_items_in_batch"), label_smoothing=cfg.label_smoothing,
-            softcap=s.softcap, chunk_size=cfg.chunk_size,
-        )
+        from ..tracker import counted_as
+
+        with counted_as(head):  # memopt.track files the chunked head + loss under the head's row
+            loss = chunked_cross_entropy(
+                hidden, weight, targets, bias=bias, ignore_index=cfg.ignore_index,
+                num_items_in_batch=kwargs.get("num_items_in_batch"), label_smoothing=cfg.label_smoothing,
+                softcap=s.softcap, chunk_size=cfg.chunk_size,
+            )
         return loss
 
     def _check_standin(self, out: Any, hidden: torch.Tensor) -> None:
         s = self.settings
         found = _logits_of(out)
+        if isinstance(found, torch.Tensor) and is_fake(found):  # memopt.estimate: no values to compare
+            return
         expected = torch.tensor(_STANDIN, dtype=hidden.dtype).float().repeat(*hidden.shape[:-1], 1)
         if s.scale is not None:
             expected = expected * s.scale
