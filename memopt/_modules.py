@@ -150,9 +150,25 @@ def no_blocks_message(model: nn.Module) -> str:
         "nn.ModuleList/nn.Sequential holding two or more modules of one class); " + _suggest(model)
     )
 
+_TASK_HEADS = ("classifier", "score", "qa_outputs")  # transformers' task heads (sequence/token classification, QA)
+
+
+def task_head_names(model: nn.Module) -> set[str]:
+    """FQNs of the Linear layers of a transformers task head (`classifier`, `score`, `qa_outputs`, or Linear layers
+    inside one, as RoBERTa's classification head): new, untrained layers with few outputs."""
+    if transformers_class("PreTrainedModel") is None or not isinstance(model, transformers_class("PreTrainedModel")):
+        return set()
+    names = set()
+    for n, m in model.named_modules():
+        if n.split(".")[-1] in _TASK_HEADS:
+            names |= {f"{n}.{c}" if c else n for c, sub in m.named_modules() if isinstance(sub, nn.Linear)}
+    return names
+
+
 def head_names(model: nn.Module) -> set[str]:
-    """FQNs of the output head: `lm_head`, or what a transformers model reports as its output embedding."""
-    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    """FQNs of the output head: `lm_head`, what a transformers model reports as its output embedding, and the Linear
+    layers of a transformers task head (`task_head_names`)."""
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"} | task_head_names(model)
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._log import logger
-from .._modules import head_names, mha_projections, shared_weights
+from .._modules import head_names, mha_projections, shared_weights, task_head_names
 from .._record import Entry
 from .._registry import register_transform
 from ..config import LoraSettings
@@ -144,6 +144,23 @@ def _head_in_float32(model: nn.Module) -> list[Entry]:
     return entries
 
 
+def _task_heads_train(model: nn.Module) -> list[Entry]:
+    """A task head (a classifier new to the fine-tune) trains in full, in float32, as PEFT's `modules_to_save` does
+    for SEQ_CLS: an adapter on a random layer has nothing to adapt."""
+    entries = []
+    for fqn in sorted(task_head_names(model)):
+        head = model.get_submodule(fqn)
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in head.parameters()):
+            head.register_forward_pre_hook(_float_input)
+        for p in head.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        entries.append(Entry("lora:head", fqn, "applied", "task head trains in full, in float32 (as PEFT's "
+                                                          "modules_to_save)"))
+    return entries
+
+
 @register_transform(LoraSettings, technique="lora", order=20, plan=_plan)
 def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]:
     import peft
@@ -162,6 +179,7 @@ def _apply(model: nn.Module, settings: LoraSettings, plan: _Plan) -> list[Entry]
         base = type(module.get_base_layer()).__name__
         entries.append(Entry("lora", fqn, "applied", f"r={plan.config.r}, alpha={plan.config.lora_alpha} on {base}"))
     entries += _head_in_float32(model)
+    entries += _task_heads_train(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("memopt: LoRA on %d layers; %d of %d parameters train", len(entries), trainable, total)

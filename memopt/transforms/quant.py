@@ -135,6 +135,10 @@ def _quantized(target: _Target, config: QuantConfig) -> nn.Module:
         new.bias = nn.Parameter(old.bias.detach().to(device), requires_grad=old.bias.requires_grad)
     if config.bits == 4:
         new.register_load_state_dict_pre_hook(_load_4bit_state)
+        # bitsandbytes 0.50 repacks the weight in place the first time the layer runs in eval without grad on an
+        # AVX512-BF16 CPU, and from then on its matmul has no backward: after one evaluation, the gradient through
+        # the layer (LoRA's input gradient) is silently dropped. Training first: no repack.
+        new.support_avx512bf16_for_cpu = False
     new.train(old.training)
     return new
 
