@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env() -> dict[str, str]:
+    """The checkout's memopt first on the path: a script in examples/ would otherwise import an installed copy."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def _run(*args: str) -> str:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -52,3 +61,52 @@ def test_cli_inspect(tmp_path):
 def test_quant_benchmark_runs():
     out = _run("benchmarks/quant.py", "--hidden", "128", "--layers", "1", "--vocab", "256", "--seq", "32", "--steps", "1")
     assert "| 4-bit + LoRA r16, adamw8bit |" in out and "| bf16: transformers+peft QLoRA r16 (+GC), adamw |" in out
+
+
+# The fine-tuning examples in their fast mode: the tiny preset on 40 standard-library files, a few steps. The
+# tokenizer cache is shared by the tests of one session (built once, about a second for 40 files).
+FAST = ["--max-files", "40", "--seq-len", "32", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("memopt-cache"))
+
+
+def _table(out: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table that follows `header` in `out`, as lists of cells."""
+    lines = out.split(header, 1)[1].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_finetune_causal_lm_trains_and_reports(tmp_path, cache):
+    from memopt import MemoryReport
+
+    out = _run("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--cache-dir", cache, "--out", str(tmp_path))
+    assert "model.layers.0  applied  full" in out  # memopt.applied
+    assert "one row per block" in out and "\nmodel.layers.3 " in out and "model.layers.3.mlp" not in out
+    assert "peak: plain " in out and "at the peak, activations:" in out  # memopt.compare
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["val_loss_after"] < run["val_loss_before"] - 0.05, run
+    assert run["losses"][-1] < run["losses"][0], run["losses"]
+    assert run["peak_bytes"] < 0.9 * run["plain_peak_bytes"], run
+    report = MemoryReport.from_dict(json.loads((tmp_path / "report.json").read_text()))
+    assert report.steps == 3 and report.peak_bytes == run["peak_bytes"]
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_causal_lm_qlora(tmp_path, cache):
+    out = _run("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--quant", "4bit", "--lora", "8",
+               "--optimizer", "adamw8bit", "--cache-dir", cache, "--out", str(tmp_path))
+    assert "quant                 model.layers.0.self_attn.q_proj" in out and "lm_head" in out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["val_loss_after"] < run["val_loss_before"], run
+    assert run["technique"] == "checkpoint=full, sdpa, 4bit + LoRA r8, adamw8bit"
+    bad = subprocess.run([sys.executable, "examples/finetune_causal_lm.py", "--quant", "4bit"], cwd=ROOT,
+                         capture_output=True, text=True, env=_env())
+    assert bad.returncode == 2 and "add --lora RANK" in bad.stderr
