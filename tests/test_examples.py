@@ -110,3 +110,14 @@ def test_finetune_causal_lm_qlora(tmp_path, cache):
     bad = subprocess.run([sys.executable, "examples/finetune_causal_lm.py", "--quant", "4bit"], cwd=ROOT,
                          capture_output=True, text=True, env=_env())
     assert bad.returncode == 2 and "add --lora RANK" in bad.stderr
+
+
+def test_finetune_minilm_classifier(tmp_path):
+    out = _run("examples/finetune_minilm_classifier.py", "--steps", "2", "--per-class", "12", "--batch-size", "4",
+               "--seq-len", "24")
+    assert "classifier                                   skipped  skip=['classifier']" in out
+    rows = {r[0]: r for r in _table(out, "| run | trainable params |")}
+    full, mem = rows["full fine-tune, float32"], rows["memopt: 4bit, LoRA r8, checkpoint=full"]
+    assert int(mem[1].replace(",", "")) < 0.05 * int(full[1].replace(",", ""))  # LoRA + the head only
+    ratio = float(out.rsplit("peak memory: memopt ", 1)[1].split("x")[0])
+    assert ratio < 0.5, out
