@@ -121,3 +121,14 @@ def test_finetune_minilm_classifier(tmp_path):
     assert int(mem[1].replace(",", "")) < 0.05 * int(full[1].replace(",", ""))  # LoRA + the head only
     ratio = float(out.rsplit("peak memory: memopt ", 1)[1].split("x")[0])
     assert ratio < 0.5, out
+
+
+def test_hf_trainer_logs_memory(tmp_path, cache):
+    out = _run("examples/hf_trainer.py", *FAST, "--steps", "4", "--logging-steps", "2", "--cache-dir", cache,
+               "--out", str(tmp_path))
+    rows = _table(out, "| step | loss | memory/peak_MiB |")
+    assert [r[0] for r in rows] == ["2", "4"] and all(float(r[2]) > 0 for r in rows)
+    before, after = (float(x) for x in out.split("validation loss: ", 1)[1].split(" after")[0].split(" before -> "))
+    assert after < before
+    for name in ("memory_report.json", "memory_report.txt", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 0
