@@ -132,3 +132,23 @@ def test_hf_trainer_logs_memory(tmp_path, cache):
     assert after < before
     for name in ("memory_report.json", "memory_report.txt", "memory.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def _torchrun(nproc: int, *args: str) -> str:
+    return _run("-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+                "examples/fsdp_finetune.py", *args)
+
+
+def test_fsdp_two_processes_match_one_and_halve_memory(cache):
+    args = [*FAST, "--steps", "3", "--cache-dir", cache]
+    two = _torchrun(2, *args, "--check")
+    one = _torchrun(1, *args)
+    assert "2 process(es), gloo, FSDP2 fully_shard of 4 blocks" in two
+    losses2 = [float(r[1]) for r in _table(two, "| step | loss |")]
+    losses1 = [float(r[1]) for r in _table(one, "| step | loss |")]
+    assert len(losses2) == 3 and losses2[-1] < losses2[0]
+    assert losses2 == pytest.approx(losses1, abs=1e-5)
+    assert float(two.rsplit("largest loss difference from the 2-process run: ", 1)[1].split()[0]) < 1e-5
+    assert [r[0] for r in _table(two, "| rank | peak |")] == ["0", "1"]
+    held = [int(out.rsplit("per-rank params+grads+optimizer bytes: ", 1)[1].split()[0]) for out in (one, two)]
+    assert held[1] < 0.55 * held[0], held
