@@ -119,8 +119,9 @@ def random_batch(ids: torch.Tensor, batch_size: int, seq_len: int, generator: to
     if ids.numel() <= seq_len:
         raise ValueError(f"--seq-len {seq_len} is longer than the split ({ids.numel()} tokens); use a shorter "
                          "--seq-len or more --max-files")
-    starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - seq_len, (batch_size, 1), generator=generator)
+    # gathered, not sliced: a view of the corpus taken while memopt.track runs would count its whole storage
+    return ids[starts + torch.arange(seq_len)]
 
 
 def eval_batches(ids: torch.Tensor, batch_size: int, seq_len: int, n_batches: int) -> list[torch.Tensor]:
@@ -129,6 +130,5 @@ def eval_batches(ids: torch.Tensor, batch_size: int, seq_len: int, n_batches: in
     if ids.numel() <= seq_len:
         raise ValueError(f"--seq-len {seq_len} is longer than the validation split ({ids.numel()} tokens); use a "
                          "shorter --seq-len or more --max-files")
-    starts = torch.linspace(0, ids.numel() - seq_len - 1, n).long().tolist()
-    windows = torch.stack([ids[s : s + seq_len] for s in starts])
-    return list(windows.split(batch_size))
+    starts = torch.linspace(0, ids.numel() - seq_len - 1, n).long().unsqueeze(1)
+    return list(ids[starts + torch.arange(seq_len)].split(batch_size))

@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(str(exc))
     scheduler = cosine_schedule(optimizer, args.steps)
     technique = describe(args)
-    n_params = sum(p.numel() for p in plain.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(t.numel() for t in plain.parameters())
+    n_trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
     print(corpus)
     print(f"model: {args.model_config} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
           f"{n_trainable / 1e6:.2f}M trainable), {args.dtype} on {args.device}; {technique}")

@@ -32,14 +32,15 @@ class Windows(torch.utils.data.Dataset):
             raise ValueError(f"--seq-len {seq_len} is longer than the split ({ids.numel()} tokens); use a shorter "
                              "--seq-len or more --max-files")
         g = torch.Generator().manual_seed(seed)
-        self.ids, self.seq_len = ids, seq_len
+        self.ids, self.offsets = ids, torch.arange(seq_len)
         self.starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g).tolist()
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        window = self.ids[self.starts[i] : self.starts[i] + self.seq_len]
+        # gathered, not sliced: a view of the corpus taken while MemoryCallback tracks would count its whole storage
+        window = self.ids[self.starts[i] + self.offsets]
         return {"input_ids": window, "labels": window}
 
 

@@ -63,3 +63,18 @@ def test_sequence_classification_head_is_not_quantized():
     model = transformers.BertForSequenceClassification(config)
     memopt.apply(model, quant="4bit")
     assert "classifier" in memopt.applied(model).skipped("quant")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "memopt.track counts the storage of an op's output the first time it sees it, so a view of a tensor made "
+    "before tracking (a batch sliced out of an in-memory dataset on CPU) is counted as a new allocation of the "
+    "whole storage, live until the tracker stops. Outputs of view ops (func.is_view / aliasing an input) should "
+    "only be counted when their base is. The examples gather their batches instead of slicing them."))
+def test_a_view_of_untracked_data_allocates_nothing():
+    data = torch.zeros(250_000)  # 1,000,000 bytes, made before tracking
+    model = nn.Linear(4, 4)
+    with memopt.track(model) as tracker:
+        start = tracker.live_bytes
+        window = data[:4]
+        assert tracker.live_bytes == start, f"{tracker.live_bytes - start} bytes counted for a view"
+    del window
