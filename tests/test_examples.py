@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env() -> dict:
-    """The checkout under test comes first on the path: a script's own folder, not the working directory, starts
-    sys.path, so an editable install of another checkout would otherwise be imported."""
+def _env() -> dict[str, str]:
+    """The checkout's memopt first on the path: a script in examples/ would otherwise import an installed copy."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
@@ -65,3 +67,94 @@ def test_loss_benchmark_runs():
     out = _run("benchmarks/loss.py", "--hidden", "64", "--layers", "2", "--vocabs", "256", "512", "--seq", "64",
                "--steps", "1")
     assert out.count("| memopt checkpoint=True + loss='chunked' |") == 2 and "vocab=512" in out
+
+
+# The fine-tuning examples in their fast mode: the tiny preset on 40 standard-library files, a few steps. The
+# tokenizer cache is shared by the tests of one session (built once, about a second for 40 files).
+FAST = ["--max-files", "40", "--seq-len", "32", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("memopt-cache"))
+
+
+def _table(out: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table that follows `header` in `out`, as lists of cells."""
+    lines = out.split(header, 1)[1].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_finetune_causal_lm_trains_and_reports(tmp_path, cache):
+    from memopt import MemoryReport
+
+    out = _run("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--cache-dir", cache, "--out", str(tmp_path))
+    assert "model.layers.0  applied  full" in out  # memopt.applied
+    assert "one row per block" in out and "\nmodel.layers.3 " in out and "model.layers.3.mlp" not in out
+    assert "peak: plain " in out and "at the peak, activations:" in out  # memopt.compare
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["val_loss_after"] < run["val_loss_before"] - 0.05, run
+    assert run["losses"][-1] < run["losses"][0], run["losses"]
+    assert run["peak_bytes"] < 0.9 * run["plain_peak_bytes"], run
+    report = MemoryReport.from_dict(json.loads((tmp_path / "report.json").read_text()))
+    assert report.steps == 3 and report.peak_bytes == run["peak_bytes"]
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_causal_lm_qlora(tmp_path, cache):
+    out = _run("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--quant", "4bit", "--lora", "8",
+               "--optimizer", "adamw8bit", "--cache-dir", cache, "--out", str(tmp_path))
+    assert "quant                 model.layers.0.self_attn.q_proj" in out and "lm_head" in out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["val_loss_after"] < run["val_loss_before"], run
+    assert run["technique"] == "checkpoint=full, sdpa, 4bit + LoRA r8, adamw8bit"
+    bad = subprocess.run([sys.executable, "examples/finetune_causal_lm.py", "--quant", "4bit"], cwd=ROOT,
+                         capture_output=True, text=True, env=_env())
+    assert bad.returncode == 2 and "add --lora RANK" in bad.stderr
+
+
+def test_finetune_minilm_classifier(tmp_path):
+    out = _run("examples/finetune_minilm_classifier.py", "--steps", "2", "--per-class", "12", "--batch-size", "4",
+               "--seq-len", "24")
+    assert "classifier                                   skipped  skip=['classifier']" in out
+    rows = {r[0]: r for r in _table(out, "| run | trainable params |")}
+    full, mem = rows["full fine-tune, float32"], rows["memopt: 4bit, LoRA r8, checkpoint=full"]
+    assert int(mem[1].replace(",", "")) < 0.05 * int(full[1].replace(",", ""))  # LoRA + the head only
+    ratio = float(out.rsplit("peak memory: memopt ", 1)[1].split("x")[0])
+    assert ratio < 0.5, out
+
+
+def test_hf_trainer_logs_memory(tmp_path, cache):
+    out = _run("examples/hf_trainer.py", *FAST, "--steps", "4", "--logging-steps", "2", "--cache-dir", cache,
+               "--out", str(tmp_path))
+    rows = _table(out, "| step | loss | memory/peak_MiB |")
+    assert [r[0] for r in rows] == ["2", "4"] and all(float(r[2]) > 0 for r in rows)
+    before, after = (float(x) for x in out.split("validation loss: ", 1)[1].split(" after")[0].split(" before -> "))
+    assert after < before
+    for name in ("memory_report.json", "memory_report.txt", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def _torchrun(nproc: int, *args: str) -> str:
+    return _run("-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+                "examples/fsdp_finetune.py", *args)
+
+
+def test_fsdp_two_processes_match_one_and_halve_memory(cache):
+    args = [*FAST, "--steps", "3", "--cache-dir", cache]
+    two = _torchrun(2, *args, "--check")
+    one = _torchrun(1, *args)
+    assert "2 process(es), gloo, FSDP2 fully_shard of 4 blocks" in two
+    losses2 = [float(r[1]) for r in _table(two, "| step | loss |")]
+    losses1 = [float(r[1]) for r in _table(one, "| step | loss |")]
+    assert len(losses2) == 3 and losses2[-1] < losses2[0]
+    assert losses2 == pytest.approx(losses1, abs=1e-5)
+    assert float(two.rsplit("largest loss difference from the 2-process run: ", 1)[1].split()[0]) < 1e-5
+    assert [r[0] for r in _table(two, "| rank | peak |")] == ["0", "1"]
+    held = [int(out.rsplit("per-rank params+grads+optimizer bytes: ", 1)[1].split()[0]) for out in (one, two)]
+    assert held[1] < 0.55 * held[0], held
