@@ -262,7 +262,7 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.tracker._after_op(out)
+        self.tracker._after_op(out, args, kwargs)
         return out
 
 
@@ -521,7 +521,7 @@ class Tracker:
             for t in _state_tensors(state):
                 self._mark(t, "optimizer")
 
-    def _after_op(self, out: Any) -> None:
+    def _after_op(self, out: Any, args: tuple = (), kwargs: dict | None = None) -> None:
         self._ops += 1
         phase = "optimizer" if self._in_optimizer else "backward" if _in_backward() else "forward"
         if phase != self._phase:
@@ -535,12 +535,19 @@ class Tracker:
         else:
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         added = False
+        inputs: set[int] | None = None
         for t in outs:
             if t is not None and t.device == self.device:
                 for st in _storages(t):
-                    if st._cdata not in self._live:
-                        self._add(st, "optimizer" if self._in_optimizer else "other", self._current, phase)
-                        added = True
+                    if st._cdata in self._live:
+                        continue
+                    if inputs is None:
+                        inputs = {s._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
+                                  for s in _storages(a)}
+                    if st._cdata in inputs:  # a view of (or write into) a tensor made before tracking: not new
+                        continue
+                    self._add(st, "optimizer" if self._in_optimizer else "other", self._current, phase)
+                    added = True
         if added:
             self._record()
 
@@ -588,6 +595,7 @@ class Tracker:
 
     def _grads_now(self) -> None:
         counted: set[int] = set()  # a tied weight's gradient belongs to the first module that owns it
+        storages: set[int] = set()  # gradients sharing one storage (FSDP2's reduce-scatter output) count once
         for name, tensors in self._param_storages.items():
             total = 0
             for t in tensors:
@@ -595,7 +603,10 @@ class Tracker:
                 counted.add(id(t))
                 if g is not None:
                     self._mark(g, "grads")
-                    total += sum(self._size(st) for st in self._on_device(g))
+                    for st in self._on_device(g):
+                        if st._cdata not in storages:
+                            storages.add(st._cdata)
+                            total += self._size(st)
             if total > self._grad_max.get(name, 0):
                 self._grad_max[name] = total
 

@@ -69,6 +69,26 @@ def test_loss_benchmark_runs():
     assert out.count("| memopt checkpoint=True + loss='chunked' |") == 2 and "vocab=512" in out
 
 
+def test_tracker_benchmark_runs():
+    out = _run("benchmarks/tracker.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seq", "32", "--steps", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| plain |") or line.startswith("| checkpoint=True |")]
+    assert len(rows) == 2
+    for row in rows:  # memopt.track's peak agrees with PyTorch's MemTracker
+        assert abs(float(row.split("|")[4]) - 1) < 0.05, row
+
+
+def test_headline_benchmark_runs(tmp_path):
+    out = _run("benchmarks/headline.py", "--hidden", "128", "--layers", "2", "--vocab", "512", "--seq", "64",
+               "--steps", "2", "--png", str(tmp_path / "h.png"))
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    ref = rows["transformers + peft + bitsandbytes QLoRA r16 (+GC)"]
+    ours = rows["memopt.apply(checkpoint=True, quant='4bit', lora=16)"]
+    assert float(ours[4].strip()[:-1]) <= 1.02  # peak vs transformers+peft
+    assert ours[7:9] == ref[7:9]  # the same loss curve: first and last loss
+    assert any(name.startswith("memopt.plan(") for name in rows)
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # The fine-tuning examples in their fast mode: the tiny preset on 40 standard-library files, a few steps. The
 # tokenizer cache is shared by the tests of one session (built once, about a second for 40 files).
 FAST = ["--max-files", "40", "--seq-len", "32", "--eval-batches", "2"]

@@ -1,6 +1,12 @@
-"""Problems found while writing the examples, kept as expected failures until memopt handles them.
+"""Problems found while writing the examples, fixed in memopt; each test is what must keep holding.
 
-Each test is what should hold; the xfail reason says what happens instead. Remove the mark when it passes.
+- bitsandbytes 0.50 repacks a 4-bit weight in place at its first eval() forward without grad on an AVX512-BF16 CPU,
+  after which its matmul has no backward: LoRA's gradients through the layer were silently dropped. memopt turns
+  the repack off on the layers it quantizes.
+- a transformers task head (BertForSequenceClassification.classifier: new, untrained) was quantized and got LoRA;
+  it is now a head: kept in full precision and, with LoRA, trained in full.
+- memopt.track counted a view of a tensor made before tracking (a batch sliced out of an in-memory corpus) as a new
+  allocation of its whole storage; gradients sharing one storage (FSDP2) were counted once per parameter.
 """
 
 from __future__ import annotations
@@ -21,12 +27,6 @@ def _avx512bf16() -> bool:
 
 
 @pytest.mark.skipif(not _avx512bf16(), reason="bitsandbytes repacks 4-bit weights for inference only on AVX512-BF16 CPUs")
-@pytest.mark.xfail(strict=True, reason=(
-    "bitsandbytes 0.50 Linear4bit.forward, in eval() without grad on an AVX512-BF16 CPU, repacks the weight in place "
-    "(packing_format_for_cpu) and from then on matmul_4bit runs gemv_4bit, which has no autograd kernel: after one "
-    "evaluation the gradient through every 4-bit base layer is silently dropped (no bias) or the forward raises "
-    "(bias). memopt could set support_avx512bf16_for_cpu = False on the layers it quantizes; the examples do it "
-    "themselves (examples/finetune_causal_lm.py: no_inference_repack)."))
 def test_4bit_lora_gradients_unchanged_by_an_evaluation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.ReLU(), nn.Linear(256, 256, bias=False), nn.ReLU(),
@@ -49,12 +49,6 @@ def test_4bit_lora_gradients_unchanged_by_an_evaluation():
         torch.testing.assert_close(after[name], before[name], msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "memopt's head detection knows lm_head, the output embedding and tied weights, not a task head: "
-    "BertForSequenceClassification.classifier (new, untrained, 384 -> num_labels) is quantized and gets LoRA. "
-    "transformers' bitsandbytes integration keeps it (get_keys_to_not_convert: the last module) and peft's SEQ_CLS "
-    "trains it in full (modules_to_save); bitsandbytes' CPU inference repack also asserts on its few outputs. "
-    "examples/finetune_minilm_classifier.py passes QuantConfig(skip=('classifier',)) and LoRA targets without it."))
 def test_sequence_classification_head_is_not_quantized():
     import transformers
 
@@ -65,11 +59,6 @@ def test_sequence_classification_head_is_not_quantized():
     assert "classifier" in memopt.applied(model).skipped("quant")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "memopt.track counts the storage of an op's output the first time it sees it, so a view of a tensor made "
-    "before tracking (a batch sliced out of an in-memory dataset on CPU) is counted as a new allocation of the "
-    "whole storage, live until the tracker stops. Outputs of view ops (func.is_view / aliasing an input) should "
-    "only be counted when their base is. The examples gather their batches instead of slicing them."))
 def test_a_view_of_untracked_data_allocates_nothing():
     data = torch.zeros(250_000)  # 1,000,000 bytes, made before tracking
     model = nn.Linear(4, 4)
@@ -78,3 +67,26 @@ def test_a_view_of_untracked_data_allocates_nothing():
         window = data[:4]
         assert tracker.live_bytes == start, f"{tracker.live_bytes - start} bytes counted for a view"
     del window
+
+
+def test_gradients_sharing_one_storage_count_once():
+    model = nn.Linear(4, 4)
+    buf = torch.zeros(20)  # as FSDP2's reduce-scatter output: every gradient of a block views one buffer
+    model.weight.grad = buf[:16].view(4, 4)
+    model.bias.grad = buf[16:]
+    with memopt.track(model) as tracker:
+        pass
+    assert tracker.report().layer("").grad_bytes == 80
+
+
+def test_classifier_trains_in_full_with_lora():
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).to(torch.bfloat16)
+    memopt.apply(model, quant="4bit", lora=4)
+    assert "classifier" in memopt.applied(model).touched("lora:head")
+    out = model(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.classifier.weight.dtype == torch.float32 and model.classifier.weight.grad is not None
