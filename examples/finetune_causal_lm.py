@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import transformers
 from tqdm import tqdm
 
 import memopt
-from _data import Corpus, eval_batches, load_corpus, random_batch
+from _data import eval_batches, load_corpus, random_batch
 from memopt._units import format_bytes
 
 # Llama-style shapes; vocab comes from the tokenizer. Every Linear's in_features is a multiple of 64, so all of them
@@ -77,15 +76,6 @@ def build_model(name: str, vocab_size: int, seq_len: int, dtype: torch.dtype, de
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
     return model
-
-
-def no_inference_repack(model: nn.Module) -> None:
-    """Keep 4-bit layers trainable after an evaluation. bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a 4-bit
-    weight in place at its first eval() forward without grad, and from then on runs it through a kernel that has no
-    backward: training after an evaluation would get no gradient through the base layers (or fail on a bias)."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def block_depth(model: nn.Module) -> int:
@@ -223,7 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         memopt.apply(model, checkpoint=args.checkpoint, attention=None if args.attention == "none" else "sdpa",
                      quant=None if args.quant == "none" else args.quant, lora=args.lora or None)
-        no_inference_repack(model)  # validation runs before training
         optimizer = memopt.optimizer(model, args.optimizer, lr=args.lr)
     except (ValueError, TypeError, ImportError, NotImplementedError) as exc:
         p.error(str(exc))

@@ -25,7 +25,6 @@ import importlib.util
 import random
 import re
 import statistics
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import transformers
 from tqdm import tqdm
 
 import memopt
-from finetune_causal_lm import block_depth, checkpoint_arg, device_arg, no_inference_repack
+from finetune_causal_lm import block_depth, checkpoint_arg, device_arg
 from memopt._units import format_bytes
 
 PACKAGES = ("tkinter", "asyncio", "email", "logging", "xml", "unittest")
@@ -195,11 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     del full
 
     model = pretrained()
-    quant = None if args.quant == "none" else memopt.QuantConfig(bits=int(args.quant[0]), skip=("classifier",))
+    quant = None if args.quant == "none" else args.quant  # the new classifier is a head: never quantized
     memopt.apply(model, quant=quant, lora=memopt.LoraSettings(r=args.lora, target_modules=LORA_TARGETS),
                  checkpoint=args.checkpoint)
-    no_inference_repack(model)  # accuracy is measured before training
-    model.classifier.requires_grad_(True)  # the new head trains in full (PEFT's modules_to_save for SEQ_CLS)
+    # with LoRA the new classifier trains in full, in float32 (PEFT's modules_to_save for SEQ_CLS): memopt.applied
     technique = ", ".join(x for x in (None if quant is None else args.quant, f"LoRA r{args.lora}",
                                       f"checkpoint={args.checkpoint}" if args.checkpoint else None) if x)
     optimizer = memopt.optimizer(model, "adamw", lr=args.lr_lora)
@@ -210,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     print("\nfull fine-tune (float32) against memopt (" + technique + "), each over its whole run (memopt.compare):\n")
     print(memopt.compare(results["full"].report, results["memopt"].report, names=("full", "memopt"))
           .table(depth=depth))
-    print(f"\n| run | trainable params | test accuracy before | after | loss first/last 10 steps | peak memory | "
-          f"params | grads | optimizer | time |")
+    print("\n| run | trainable params | test accuracy before | after | loss first/last 10 steps | peak memory | "
+          "params | grads | optimizer | time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, r in results.items():
         name = "full fine-tune, float32" if key == "full" else f"memopt: {technique}"

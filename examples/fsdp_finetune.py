@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['rank']} | {format_bytes(r['peak'])} | {format_bytes(r['params'])} | {format_bytes(r['grads'])} "
                   f"| {format_bytes(r['optimizer'])} | {format_bytes(total)} |")
         print(f"per-rank params+grads+optimizer bytes: {rows[0]['params'] + rows[0]['grads'] + rows[0]['optimizer']}")
-        print(f"\nrank 0's memory (memopt.track), one row per block:\n")
+        print("\nrank 0's memory (memopt.track), one row per block:\n")
         print(report.table(depth=block_depth(model)))
         if rows[0]["tracker_grads"] != rows[0]["grads"]:
             print(f"note: the grad column sums each parameter's gradient storage ({rows[0]['tracker_grads']} B); "

@@ -19,7 +19,7 @@ import transformers
 
 import memopt
 from _data import load_corpus
-from finetune_causal_lm import DTYPES, block_depth, build_model, check_args, no_inference_repack, parser
+from finetune_causal_lm import DTYPES, block_depth, build_model, check_args, parser
 from memopt.integrations import MemoryCallback
 
 
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         optimizer = memopt.optimizer(model, args.optimizer, lr=args.lr)
     except (ValueError, TypeError, ImportError, NotImplementedError) as exc:
         p.error(str(exc))
-    no_inference_repack(model)  # Trainer evaluates before training here
 
     callback = MemoryCallback(plot=True, depth=block_depth(model))
     training_args = transformers.TrainingArguments(

@@ -21,8 +21,8 @@ activation is its input), counted once, for the first module that saved it; what
 to the module that allocated it. Work outside every module (a loss computed by the training loop) is filed under
 ``"(outside model)"``.
 
-Cost: a Python call per ATen op and a few hooks per module call: a few percent of a CPU step on a transformer
-(``benchmarks/tracker.py`` measures it); nothing is left behind after `Tracker.remove`.
+Cost: a Python call per ATen op and a few hooks per module call: 4-5% of a CPU step of the 6-layer bench transformer
+(``benchmarks/tracker.py``), more on tiny models; nothing is left behind after `Tracker.remove`.
 """
 
 from __future__ import annotations
@@ -832,8 +832,8 @@ def track(model: nn.Module, optimizer: Any = None, *, device: Any = None, round_
         round_to: count each storage rounded up to a multiple of this many bytes; default 512 on CUDA (the caching
             allocator's block), 1 elsewhere. `memopt.estimate` counts CPU fake tensors as CUDA would with 512.
 
-    Cost: one Python call per ATen op and a few hooks per module call (a few percent of a CPU step on a
-    transformer, see ``benchmarks/tracker.py``); memory: a small record per live storage.
+    Cost: one Python call per ATen op and a few hooks per module call (4-5% of a CPU step of the
+    6-layer bench transformer, see ``benchmarks/tracker.py``; more on tiny models); memory: a small record per live storage.
     Works under FakeTensorMode (the estimator uses it) and with everything `memopt.apply` does.
     """
     return Tracker(model, optimizer, device, round_to)
