@@ -159,8 +159,8 @@ def _plot(rows: dict, path: str) -> None:
     a.set_ylabel("step peak (MiB)")
     b.bar(short, [statistics.median(rows[n]["times"]) * 1e3 for n in names], color=colours)
     b.set_ylabel("median step time (ms)")
-    for n, s, col in zip(names, short, colours):
-        c.plot(range(1, len(rows[n]["losses"]) + 1), rows[n]["losses"], label=s.replace("\n", " "), color=col)
+    for n, s, col, style in zip(names, short, colours, ["-", "-", "--", "--"]):  # memopt's rows dashed: they overlap
+        c.plot(range(1, len(rows[n]["losses"]) + 1), rows[n]["losses"], style, label=s.replace("\n", " "), color=col)
     c.set_xlabel("step")
     c.set_ylabel("loss")
     c.legend(fontsize=8)
