@@ -141,7 +141,9 @@ def test_finetune_causal_lm_qlora(tmp_path, cache):
 def test_finetune_minilm_classifier(tmp_path):
     out = _run("examples/finetune_minilm_classifier.py", "--steps", "2", "--per-class", "12", "--batch-size", "4",
                "--seq-len", "24")
-    assert "classifier                                   skipped  skip=['classifier']" in out
+    applied = [line.split() for line in out.splitlines() if line.split()[1:2] == ["classifier"]]
+    assert ["quant", "classifier", "skipped", "output"] in [a[:4] for a in applied]  # a task head: kept in fp32
+    assert ["lora:head", "classifier", "applied", "task"] in [a[:4] for a in applied]  # and trained in full
     rows = {r[0]: r for r in _table(out, "| run | trainable params |")}
     full, mem = rows["full fine-tune, float32"], rows["memopt: 4bit, LoRA r8, checkpoint=full"]
     assert int(mem[1].replace(",", "")) < 0.05 * int(full[1].replace(",", ""))  # LoRA + the head only
