@@ -177,6 +177,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 2
 
 
+def _add_technique_args(p: argparse.ArgumentParser, optimizers: str) -> None:
+    """What `memopt.apply` takes, as `report` and `estimate` spell it."""
+    p.add_argument("--checkpoint", default="none", help="full | selective | offload | N | none (default: none)")
+    p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
+    p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
+    p.add_argument("--loss", default="none", help="chunked | none (default: none)")
+    p.add_argument("--optimizer", default="adamw", help=f"{optimizers} (default: adamw)")
+
+
 def _add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="path to a transformers config.json (or its folder)")
     p.add_argument("--batch-size", type=int, default=1, help="per device (default: 1)")
@@ -202,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="path to a transformers config.json (or its folder)")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--checkpoint", default="none", help="full | selective | offload | N | none (default: none)")
-    p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
-    p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
-    p.add_argument("--loss", default="none", help="chunked | none (default: none)")
-    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit (default: adamw)")
+    _add_technique_args(p, optimizers="adamw | adamw8bit | paged_adamw8bit")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     p.add_argument("--steps", type=int, default=1, help="tracked steps after the warm-up (default: 1)")
@@ -220,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("estimate", help="predict a training step's peak memory without allocating (fake tensors)")
     _add_shape_args(p)
-    p.add_argument("--checkpoint", default="none", help="full | selective | offload | N | none (default: none)")
-    p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
-    p.add_argument("--quant", default="none", help="4bit | nf4 | fp4 | 8bit | none (default: none)")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
-    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit | sgd (default: adamw)")
-    p.add_argument("--loss", default="none", help="chunked | none (default: none)")
+    _add_technique_args(p, optimizers="adamw | adamw8bit | paged_adamw8bit | sgd")
     p.add_argument("--mode", default="train", help="train | generate (default: train)")
     p.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB")
     p.set_defaults(run=_estimate)
