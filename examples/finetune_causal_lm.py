@@ -199,6 +199,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/finetune_causal_lm", help="where report.json, run.json and memory.png go")
+    p.add_argument("--loss", choices=("none", "chunked"), default="none",
+                   help="chunked: the output head and cross-entropy chunk by chunk, the logits never whole")
     args = p.parse_args(argv)
     check_args(p, args)
 
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain = copy.deepcopy(model)  # the unmodified model, for the comparison
     try:
         memopt.apply(model, checkpoint=args.checkpoint, attention=None if args.attention == "none" else "sdpa",
-                     quant=None if args.quant == "none" else args.quant, lora=args.lora or None)
+                     quant=None if args.quant == "none" else args.quant, lora=args.lora or None,
+                     loss=None if args.loss == "none" else args.loss)
         optimizer = memopt.optimizer(model, args.optimizer, lr=args.lr)
     except (ValueError, TypeError, ImportError, NotImplementedError) as exc:
         p.error(str(exc))
@@ -299,6 +302,8 @@ def describe(args: argparse.Namespace) -> str:
     if quant != "none" or args.lora:
         parts.append(" + ".join(x for x in (None if quant == "none" else quant,
                                             f"LoRA r{args.lora}" if args.lora else None) if x))
+    if getattr(args, "loss", "none") != "none":
+        parts.append(f"{args.loss} loss")
     parts.append(getattr(args, "optimizer", "adamw"))
     return ", ".join(parts)
 

@@ -128,11 +128,11 @@ def test_finetune_causal_lm_trains_and_reports(tmp_path, cache):
 
 def test_finetune_causal_lm_qlora(tmp_path, cache):
     out = _run("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--quant", "4bit", "--lora", "8",
-               "--optimizer", "adamw8bit", "--cache-dir", cache, "--out", str(tmp_path))
+               "--optimizer", "adamw8bit", "--loss", "chunked", "--cache-dir", cache, "--out", str(tmp_path))
     assert "quant                 model.layers.0.self_attn.q_proj" in out and "lm_head" in out
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["val_loss_after"] < run["val_loss_before"], run
-    assert run["technique"] == "checkpoint=full, sdpa, 4bit + LoRA r8, adamw8bit"
+    assert run["technique"] == "checkpoint=full, sdpa, 4bit + LoRA r8, chunked loss, adamw8bit"
     bad = subprocess.run([sys.executable, "examples/finetune_causal_lm.py", "--quant", "4bit"], cwd=ROOT,
                          capture_output=True, text=True, env=_env())
     assert bad.returncode == 2 and "add --lora RANK" in bad.stderr
