@@ -89,6 +89,13 @@ def test_headline_benchmark_runs(tmp_path):
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_estimate_benchmark_runs():
+    out = _run("benchmarks/estimate.py", "--hidden", "128", "--layers", "2", "--intermediate", "256", "--heads", "4",
+               "--vocab", "512", "--seq", "64")
+    assert out.count("\n| ") == 11 and "| QLoRA: quant='4bit', lora=16, checkpoint=True |" in out
+    assert "budget 24.00 GiB" in out and "plan: sdpa" in out
+
+
 # The fine-tuning examples in their fast mode: the tiny preset on 40 standard-library files, a few steps. The
 # tokenizer cache is shared by the tests of one session (built once, about a second for 40 files).
 FAST = ["--max-files", "40", "--seq-len", "32", "--eval-batches", "2"]
