@@ -92,7 +92,7 @@ def test_headline_benchmark_runs(tmp_path):
 def test_estimate_benchmark_runs():
     out = _run("benchmarks/estimate.py", "--hidden", "128", "--layers", "2", "--intermediate", "256", "--heads", "4",
                "--vocab", "512", "--seq", "64")
-    assert out.count("\n| ") == 11 and "| QLoRA: quant='4bit', lora=16, checkpoint=True |" in out
+    assert out.count("\n| ") == 10 and "| QLoRA: quant='4bit', lora=16, checkpoint=True |" in out
     assert "budget 24.00 GiB" in out and "plan: sdpa" in out
 
 
