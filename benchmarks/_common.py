@@ -45,6 +45,16 @@ def llama(args, attn_implementation: str = "sdpa") -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def hf_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """transformers' own activation checkpointing (non-reentrant), the row memopt's is compared with."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def batch(args) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)

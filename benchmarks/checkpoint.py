@@ -10,20 +10,12 @@ selective >= 15% below the baseline peak at <= 1.10x its time.
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import memopt  # noqa: E402
-from _common import batch, bench_args, fresh, llama, print_table, run_rows  # noqa: E402
-
-
-def _hf_gc(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+from _common import batch, bench_args, fresh, hf_gradient_checkpointing, llama, print_table, run_rows  # noqa: E402
 
 
 def main(argv=None) -> list:
@@ -31,7 +23,7 @@ def main(argv=None) -> list:
     base = llama(args)
     variants = {
         "no checkpointing": fresh(base),
-        "transformers gradient_checkpointing_enable": fresh(base, _hf_gc),
+        "transformers gradient_checkpointing_enable": fresh(base, hf_gradient_checkpointing),
         "memopt checkpoint=True (full)": fresh(base, lambda m: memopt.apply(m, checkpoint=True)),
         "memopt checkpoint='selective'": fresh(base, lambda m: memopt.apply(m, checkpoint="selective")),
         "memopt checkpoint=2 (every 2nd)": fresh(base, lambda m: memopt.apply(m, checkpoint=2)),

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import memopt  # noqa: E402
-from _common import batch, bench_args, fresh, llama, print_table, run_rows  # noqa: E402
-
-
-def _hf_gc(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+from _common import batch, bench_args, fresh, hf_gradient_checkpointing, llama, print_table, run_rows  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -40,7 +32,7 @@ def main(argv=None) -> dict:
         base = llama(run)
         variants = {
             "plain": fresh(base),
-            "transformers gradient_checkpointing_enable": fresh(base, _hf_gc),
+            "transformers gradient_checkpointing_enable": fresh(base, hf_gradient_checkpointing),
             "memopt checkpoint=True (full)": fresh(base, lambda m: memopt.apply(m, checkpoint=True)),
             "memopt loss='chunked'": fresh(base, lambda m: memopt.apply(m, loss=loss)),
             "memopt checkpoint=True + loss='chunked'": fresh(base, lambda m: memopt.apply(m, checkpoint=True, loss=loss)),
