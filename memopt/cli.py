@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -31,25 +30,12 @@ def _checkpoint_arg(value: str) -> Any:
 
 
 def _build_from_config(path: str, device: str = "meta", dtype=None):
-    import torch
-    import transformers
+    from .estimation import build_model, load_config
 
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"memopt: config file not found: {path}")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(p.parent if p.name == "config.json" else p))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"memopt: could not read a transformers config from {path}: {exc}") from None
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
-    auto = (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
-    with torch.device(device):
-        for cls in auto:
-            try:
-                return cls.from_config(config, **({} if dtype is None else {"dtype": dtype}))
-            except ValueError:
-                continue
-    raise SystemExit(f"memopt: no transformers model class builds from {path} ({type(config).__name__})")
+        return build_model(load_config(path), device, dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"memopt: {exc}") from None
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -75,19 +61,11 @@ def _dtype(name: str):
         raise SystemExit(f"memopt: --dtype {name!r} is not supported; use float32, bfloat16 or float16") from None
 
 
-def _training_loss(model, out):
-    """The model's own loss when it computes one (labels given), else a stand-in on its first output."""
-    loss = getattr(out, "loss", None)
-    if loss is not None:
-        return loss
-    first = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
-    return first.float().pow(2).mean()
-
-
 def _report(args: argparse.Namespace) -> int:
     import torch
 
     import memopt
+    from memopt.estimation import step_loss
 
     if args.batch_size < 1 or args.seq_len < 1:
         raise SystemExit(f"memopt: --batch-size and --seq-len must be positive, got {args.batch_size} and {args.seq_len}")
@@ -110,7 +88,7 @@ def _report(args: argparse.Namespace) -> int:
             out = model(input_ids=ids, labels=ids)
         except (TypeError, ValueError):  # a bare AutoModel takes no labels
             out = model(input_ids=ids)
-        _training_loss(model, out).backward()
+        step_loss(out).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -160,7 +160,8 @@ def _block_depth(model: nn.Module) -> int | None:
 
 
 # -- building the model on fake tensors ------------------------------------------------------------------------------
-def _load_config(model: Any):
+def load_config(model: Any):
+    """A transformers config from a `PretrainedConfig` (as is) or a local config.json / its folder (no download)."""
     import transformers
 
     if isinstance(model, transformers.PretrainedConfig):
@@ -175,13 +176,15 @@ def _load_config(model: Any):
         raise ValueError(f"could not read a transformers config from {model}: {exc}") from None
 
 
-def _hf_model(config, dtype: torch.dtype | None) -> nn.Module:
+def build_model(config, device: Any = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model `config` describes (causal LM, else seq2seq, else the bare model), on `device`; eager attention
+    unless the config names one (`memopt.apply` switches it). The config is copied: apply() changes its settings."""
     import transformers
 
-    config = config.__class__.from_dict(config.to_dict())  # our own copy: apply() changes attn settings
+    config = config.__class__.from_dict(config.to_dict())
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
     kwargs = {} if dtype is None else {"dtype": dtype}
-    with torch.device("meta"):  # no init, no memory: the fake tensors replace these
+    with torch.device(device):
         for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
             try:
                 return cls.from_config(config, **kwargs)
@@ -319,7 +322,9 @@ def _adapters_stay_put():
 
 
 # -- the step --------------------------------------------------------------------------------------------------------
-def _loss(out: Any) -> torch.Tensor:
+def step_loss(out: Any) -> torch.Tensor:
+    """A training step's loss: the output's own ``.loss`` (labels given), a scalar output, else a stand-in on the
+    first output tensor (a bare model without a head)."""
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
@@ -459,7 +464,7 @@ def estimate(
         if inputs is None:
             raise ValueError("estimate(model=<callable>) needs inputs=<callable returning the batch>")
     else:
-        config = _load_config(model)
+        config = load_config(model)
         builder = None
     if config is not None and dtype is None:
         dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
@@ -475,7 +480,7 @@ def estimate(
             if dtype is not None:
                 net = net.to(dtype)
         else:
-            net = _hf_model(config, dtype)
+            net = build_model(config, "meta", dtype)  # no init, no memory: fake tensors replace these
             _fake_like_meta(net)
         if qconfig is not None:
             done, skipped = _fake_quantize(net, qconfig)
@@ -522,7 +527,7 @@ def estimate(
 
         def step() -> None:
             batch = batch_fn()
-            _loss(_call(net, batch)).backward()
+            step_loss(_call(net, batch)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -531,12 +536,16 @@ def estimate(
             step()
         report = tracker.report()
 
-    peak, breakdown = report.peak_bytes, dict(report.peak_breakdown)
+    if world_size > 1:
+        peak, breakdown, fsdp_notes = _fsdp(report, net, world_size)
+        notes += fsdp_notes
+    else:
+        peak, breakdown = report.peak_bytes, dict(report.peak_breakdown)
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
         state = adamw8bit_state_bytes(trainable)
         if optimizer == "adamw8bit":
-            peak += state
-            breakdown["optimizer"] += state
+            peak += state // world_size  # sharded like the rest of the optimizer state
+            breakdown["optimizer"] += state // world_size
             notes.append(f"adamw8bit state sized from bitsandbytes' layout: {format_bytes(state)}")
         else:
             notes.append(f"paged_adamw8bit state ({format_bytes(state)}) lives in CUDA unified memory, paged to the "
@@ -553,13 +562,6 @@ def estimate(
     if device == "cuda":
         notes.append("CUDA: storages counted in 512-byte allocator blocks; the CUDA context (~0.5 GiB) and "
                      "fragmentation come on top")
-    if world_size > 1:
-        peak, breakdown, fsdp_notes = _fsdp(report, net, world_size)
-        if optimizer == "adamw8bit":
-            state = adamw8bit_state_bytes(trainable)
-            peak += state // world_size
-            breakdown["optimizer"] += state // world_size
-        notes += fsdp_notes
     report.device = f"{device} (estimate)"
     return Estimate(peak, breakdown, report, options, optimizer, device, str(dtype or torch.float32).replace("torch.", ""),
                     batch_size, seq_len, world_size, mode, report.total("param_bytes"), None, None,
