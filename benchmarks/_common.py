@@ -157,32 +157,20 @@ def fresh(base: nn.Module, fn: Callable[[nn.Module], nn.Module] | None = None) -
 
 
 def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (a tied weight counts once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        s = t.untyped_storage()
-        if s.data_ptr() in seen:
-            continue
-        seen.add(s.data_ptr())
-        total += s.nbytes()
-    return total
+    """Bytes of the distinct storages behind `tensors` (a tied weight counts once); non-tensors are skipped."""
+    from memopt.tracker import sum_storage_bytes
+
+    return sum_storage_bytes(t for t in tensors if isinstance(t, torch.Tensor))
 
 
 def resident_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
     """What lives between steps: parameters (quantized ones with their quantization state), buffers, optimizer
     state."""
-    from memopt.transforms.quant import _state_tensors
+    from memopt.transforms.quant import stored_tensors
 
-    params = list(model.parameters())
-    quant_state = [t for p in params for t in _state_tensors(getattr(p, "quant_state", None))]
-    quant_state += [p.SCB for p in params if isinstance(getattr(p, "SCB", None), torch.Tensor)]
+    params = [t for p in model.parameters() for t in stored_tensors(p)]
     state = [] if optimizer is None else [t for s in optimizer.state.values() for t in s.values()]
-    return {
-        "params": storage_bytes(params) + storage_bytes(quant_state) + storage_bytes(model.buffers()),
-        "optimizer": storage_bytes(state),
-    }
+    return {"params": storage_bytes(params) + storage_bytes(model.buffers()), "optimizer": storage_bytes(state)}
 
 
 def profiled_peak_increment(fn) -> int:

@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 from ._units import format_bytes
+from .transforms.quant import stored_tensors
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 PHASES = ("forward", "backward", "optimizer")
@@ -291,21 +292,6 @@ def _state_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _param_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
-    """A parameter and what makes it up: a bitsandbytes weight's quantization state (absmax, code, nested
-    statistics) and int8 row scales."""
-    found = [p]
-    state = getattr(p, "quant_state", None)
-    if state is not None:
-        from .transforms.quant import _state_tensors as quant_state_tensors
-
-        found += quant_state_tensors(state)
-    scb = getattr(p, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        found.append(scb)
-    return found
-
-
 def _logical_numel(p: torch.Tensor) -> int:
     """Weights a parameter stands for: a packed 4-bit weight holds two per byte; its quantization state knows the
     original shape."""
@@ -400,8 +386,7 @@ class Tracker:
             own = []
             for p in module.parameters(recurse=False):
                 self._fake = self._fake or isinstance(p, FakeTensor)
-                for t in _param_state_tensors(p):
-                    own.append(t)
+                own += stored_tensors(p)
             own += list(module.buffers(recurse=False))
             state = getattr(module, "state", None)  # bitsandbytes' Linear8bitLt moves the row scales here
             own += [t for t in (getattr(state, "CB", None), getattr(state, "SCB", None)) if isinstance(t, torch.Tensor)]
@@ -733,6 +718,7 @@ class Tracker:
         self._post_bw_pending.clear()  # left by a forward that had no backward
 
     def _finish(self) -> None:
+        """Gradients and optimizer state as they are now (before `remove` and every `report` while tracking)."""
         self._grads_now()
         for opt in self._optimizers:
             self._mark_optimizer(opt)
@@ -755,9 +741,7 @@ class Tracker:
     def report(self) -> MemoryReport:
         """The `MemoryReport` of everything tracked so far (also after `remove`)."""
         if self._mode is not None:
-            self._grads_now()
-            for opt in self._optimizers:
-                self._mark_optimizer(opt)
+            self._finish()
         act = dict(self._act_max)
         for name, n in self._act_step.items():
             act[name] = max(act.get(name, 0), n)
@@ -911,5 +895,5 @@ def sum_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         for st in _storages(t):
-            seen[id(st)] = st.nbytes()
+            seen[st._cdata] = st.nbytes()
     return sum(seen.values())

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from models import ALL_MODELS
 
 import memopt
-from memopt.tracker import CATEGORIES, OUTSIDE, _param_state_tensors, sum_storage_bytes
+from memopt.tracker import CATEGORIES, OUTSIDE, sum_storage_bytes
+from memopt.transforms.quant import stored_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_peak_agrees_with_pytorch_memtracker(name, kwargs):
 
 
 def _real_totals(model, opt):
-    state = [p for p in list(model.parameters()) + list(model.buffers()) for p in _param_state_tensors(p)]
+    state = [p for p in list(model.parameters()) + list(model.buffers()) for p in stored_tensors(p)]
     opt_state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return (sum_storage_bytes(state), sum_storage_bytes(p.grad for p in model.parameters() if p.grad is not None),
             sum_storage_bytes(opt_state))
@@ -160,14 +161,21 @@ def test_activation_bytes_are_exact_on_a_toy_model():
     assert report.total("activation_bytes") == 2 * B * T * C * f32 + sdpa
 
 
-def test_checkpointing_cuts_activation_bytes_by_more_than_40_percent():
+def _plain_then_checkpointed():
+    """Reports of one llama step, then of the same model after `memopt.apply(checkpoint=True)`."""
     model, opt, b, loss_fn = _setup("llama")
-    with memopt.track(model, opt) as t:
-        _opt_step(model, opt, b, loss_fn)
-    memopt.apply(model, checkpoint=True)
-    with memopt.track(model, opt) as tc:
-        _opt_step(model, opt, b, loss_fn)
-    plain, ckpt = t.report(), tc.report()
+    reports = []
+    for apply in (False, True):
+        if apply:
+            memopt.apply(model, checkpoint=True)
+        with memopt.track(model, opt) as tracker:
+            _opt_step(model, opt, b, loss_fn)
+        reports.append(tracker.report())
+    return reports
+
+
+def test_checkpointing_cuts_activation_bytes_by_more_than_40_percent():
+    plain, ckpt = _plain_then_checkpointed()
     assert ckpt.total("activation_bytes") <= 0.6 * plain.total("activation_bytes")
     assert ckpt.peak_bytes < plain.peak_bytes
     # under checkpointing a block keeps only its input
@@ -317,13 +325,7 @@ def test_bad_input_is_refused_clearly():
 
 
 def test_report_outputs_and_compare(tmp_path):
-    model, opt, b, loss_fn = _setup("llama")
-    with memopt.track(model, opt) as before:
-        _opt_step(model, opt, b, loss_fn)
-    memopt.apply(model, checkpoint=True)
-    with memopt.track(model, opt) as after:
-        _opt_step(model, opt, b, loss_fn)
-    r0, r1 = before.report(), after.report()
+    r0, r1 = _plain_then_checkpointed()
 
     text = str(r1)
     assert "peak" in text and "model.layers.0.self_attn.q_proj" in text and text.splitlines()[-1].startswith("total")

@@ -180,16 +180,20 @@ def quantized_bytes(module: nn.Module) -> int:
     """Bytes of a layer's weight as stored: the packed weight plus its quantization state (absmax, nested
     statistics, code tables, int8 row scales)."""
     weight = getattr(module, "weight", None)
-    if weight is None:
-        return 0
-    total = weight.numel() * weight.element_size()
-    state = getattr(weight, "quant_state", None)
+    return 0 if weight is None else sum(t.numel() * t.element_size() for t in stored_tensors(weight))
+
+
+def stored_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """A parameter and what makes it up: a bitsandbytes weight's quantization state (absmax, code, nested
+    statistics, offset) and int8 row scales (SCB)."""
+    found = [p]
+    state = getattr(p, "quant_state", None)
     if state is not None:
-        total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
-    scb = getattr(weight, "SCB", None)
+        found += _state_tensors(state)
+    scb = getattr(p, "SCB", None)
     if isinstance(scb, torch.Tensor):
-        total += scb.numel() * scb.element_size()
-    return total
+        found.append(scb)
+    return found
 
 
 def _state_tensors(state: Any) -> list[torch.Tensor]:
