@@ -243,7 +243,7 @@ def _hooks_left(model) -> list[str]:
         left.append("dispatch mode")
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         left.append("saved tensors hooks")
-    if getattr(torch.UntypedStorage.resize_, "__module__", None) == "memopt.tracker":
+    if getattr(torch.UntypedStorage.resize_, "__module__", None) == "memopt.tracker.tracking":
         left.append("resize_")
     return left
 

@@ -47,6 +47,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from .._log import logger, warn_once
+from .._observe import counted_as
 from .._modules import get_submodule, head_names, transformers_class
 from .._patch import ForwardPatch, install, uninstall
 from .._record import Entry
@@ -632,8 +633,6 @@ class _ChunkedLoss(ForwardPatch):
                     f"{tuple(hidden.shape)} (one label per position the head sees)"
                 )
             targets = targets.reshape(hidden.shape[:-1])
-        from ..tracker import counted_as
-
         with counted_as(head):  # memopt.track files the chunked head + loss under the head's row
             loss = chunked_cross_entropy(
                 hidden, weight, targets, bias=bias, ignore_index=cfg.ignore_index,
