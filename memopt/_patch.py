@@ -9,10 +9,13 @@ that `copy.deepcopy` rebinds them to the copy and `torch.save(model)` can pickle
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import types
 from typing import Any, Callable, TypeVar
 
+import torch
 import torch.nn as nn
 
 
@@ -30,10 +33,13 @@ class ForwardPatch:
         self.inner = inner  # the instance-level forward this patch replaced, or None for the class's forward
 
     def inner_forward(self) -> Callable:
-        return self.inner if self.inner is not None else types.MethodType(type(self.module).forward, self.module)
+        # a partial rather than a bound method: torch.compile (Dynamo) traces partials, not types.MethodType
+        return self.inner if self.inner is not None else functools.partial(type(self.module).forward, self.module)
 
     def call_inner(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner_forward()(*args, **kwargs)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -101,3 +107,42 @@ def uninstall(module: nn.Module, patch_cls: type[ForwardPatch]) -> bool:
     else:  # accelerate's hook calls _old_forward: give it the class's forward back
         setattr(module, slot, types.MethodType(type(module).forward, module))
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ambient contexts: what a patch keeps active around the modules it runs, replayed by checkpointing's recompute.
+
+_AMBIENT: list[Callable[[], Any]] = []  # context factories of the patches running now, outermost first
+
+
+class ambient:
+    """``with ambient(factory):`` while a patch's forward runs: a block checkpointed inside it is recomputed in
+    backward, outside that forward, so checkpointing enters ``factory()`` around the recompute (the hand-written
+    attention watch of a module that contains checkpointed blocks). Eager only: under torch.compile the graph
+    already holds what the context did."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+
+    def __enter__(self) -> None:
+        _AMBIENT.append(self.factory)
+
+    def __exit__(self, *exc: Any) -> None:
+        _AMBIENT.pop()
+
+
+def replaying_ambient(fn: Callable) -> Callable:
+    """`fn`, entering the ambient contexts active now whenever it runs again during backward (a recompute)."""
+    factories = tuple(_AMBIENT)
+    if not factories:
+        return fn
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch._C._current_graph_task_id() == -1:  # the forward itself: the contexts are active already
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                stack.enter_context(factory())
+            return fn(*args, **kwargs)
+
+    return run

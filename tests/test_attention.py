@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -123,9 +124,11 @@ def test_no_seq_by_seq_tensor_saved_for_backward(name):
 @pytest.mark.parametrize("name", ["llama", "bert", "direct_mha"])
 def test_padded_batch_keeps_only_the_mask(name):
     # With padding the (batch, 1, seq, seq) mask is an input of the kernel: one tensor, shared by every layer,
-    # not one probability matrix per layer.
+    # not one probability matrix per layer. (From the second padded forward on: the first checks that the layers
+    # hand the bool mask to SDPA unchanged.)
     model, ref, batch, loss_fn = _pair(name)
     memopt.apply(model, attention="sdpa")
+    loss_fn(model, batch(0))
     eager = {t.untyped_storage().data_ptr() for t in _saved_square(ref, batch(0), loss_fn, SEQ)}
     square = _saved_square(model, batch(0), loss_fn, SEQ)
     kept = {t.untyped_storage().data_ptr() for t in square}
@@ -153,6 +156,7 @@ def test_alternating_masks_are_each_converted_once():
     labels[0, 3] = -100
     b = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     memopt.apply(model)
+    model(**b)  # the first padded forward checks that the masks reach SDPA unchanged
     square = _saved_square(model, b, lambda m, x: m(**x).loss, 32)
     assert len({t.untyped_storage().data_ptr() for t in square}) == 2
     _assert_close_to_eager(ref, model, b, lambda m, x: m(**x).loss)
@@ -298,6 +302,74 @@ class ReturnsWeights(CausalSelfAttention):
         return self.merge(att @ v), att
 
 
+class KeepsWeights(CausalSelfAttention):
+    """Keeps its probabilities for an attention-distillation loss (issue 13, item 1)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        att = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1)  # (B, nh, T, T)
+        self.last_att = att
+        return self.merge(att @ v)
+
+
+@dataclasses.dataclass
+class AttentionOut:
+    out: torch.Tensor
+    probs: torch.Tensor
+
+
+class ReturnsDataclass(CausalSelfAttention):
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        att = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), dim=-1)  # (B, nh, T, T)
+        return AttentionOut(self.merge(att @ v), att)
+
+
+def _out_and_probs(model, x):
+    out = model(x)
+    if isinstance(out, tuple):
+        return out
+    if isinstance(out, AttentionOut):
+        return out.out, out.probs
+    return out, model.last_att
+
+
+@pytest.mark.parametrize("cls", [ReturnsWeights, KeepsWeights, ReturnsDataclass])
+def test_scores_kept_past_the_forward_are_computed_as_written_with_grad(cls):
+    torch.manual_seed(0)
+    model = cls(32, 4, 0.0)
+    ref = copy.deepcopy(model)
+    memopt.apply(model)
+    target = torch.rand(2, 4, SEQ, SEQ)
+    for step in range(2):  # the first call converts and computes the kept scores when used; later calls as written
+        x = torch.randn(2, SEQ, 32)
+        grads = []
+        for m in (ref, model):
+            m.zero_grad()
+            out, probs = _out_and_probs(m, x)
+            loss = out.pow(2).mean() + (probs - target).pow(2).sum()  # the scores' loss term needs their gradient
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+            if m is ref:
+                ref_loss = loss.detach()
+        torch.testing.assert_close(loss.detach(), ref_loss)
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    assert "used after its forward returns" in memopt.applied(model).skipped("attention")[""]
+
+
+def test_scores_returned_but_dropped_cost_nothing():
+    # Bloom, GPT-Neo and MPT return their probabilities, which the caller drops: they are never computed.
+    torch.manual_seed(0)
+    model = ReturnsWeights(32, 4, 0.0)
+    memopt.apply(model)
+    x = torch.randn(2, SEQ, 32, requires_grad=True)
+    for _ in range(2):
+        saved = _saved_square(model, {"x": x}, lambda m, b: m(**b)[0].sum(), SEQ)
+        assert saved == []
+    assert "-> SDPA" in memopt.applied(model).touched("attention")[""]
+
+
 class FiniteMask(CausalSelfAttention):
     def forward(self, x):
         T = x.shape[1]
@@ -307,20 +379,14 @@ class FiniteMask(CausalSelfAttention):
         return self.merge(F.softmax(att, dim=-1) @ v)
 
 
-@pytest.mark.parametrize(
-    "cls, reason",
-    [(ReturnsWeights, "forward returns the attention scores"), (FiniteMask, "masked_fill was applied")],
-)
-def test_attention_kept_as_written_when_the_pattern_does_not_fit(cls, reason):
+def test_attention_kept_as_written_when_the_pattern_does_not_fit():
     torch.manual_seed(0)
-    model = cls(32, 4, 0.0)
+    model = FiniteMask(32, 4, 0.0)
     ref = copy.deepcopy(model)
     memopt.apply(model)
     x = torch.randn(2, SEQ, 32, requires_grad=True)
-    out, ref_out = model(x), ref(x)
-    for a, b in zip(out if isinstance(out, tuple) else (out,), ref_out if isinstance(ref_out, tuple) else (ref_out,)):
-        torch.testing.assert_close(a, b)  # exactly as written
-    assert reason in memopt.applied(model).skipped("attention")[""]
+    torch.testing.assert_close(model(x), ref(x))  # exactly as written
+    assert "masked_fill was applied" in memopt.applied(model).skipped("attention")[""]
 
 
 def test_in_place_ops_on_scores_stay_correct():
@@ -370,18 +436,73 @@ def test_math_fallback_is_warned_once_with_the_reason():
     assert "math x6" in memopt.applied(model).touched("attention:backend")[""]  # two probed forwards
 
 
-def test_transformers_model_without_sdpa_warns_and_stays_correct():
+def _no_sdpa_model(name: str):
+    """transformers architectures with no SDPA attention of their own, tiny, dropout off."""
+    import transformers
+
+    configs = {
+        "bloom": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+        "gpt_neo": lambda: transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                                                     attention_types=[[["global", "local"], 1]],
+                                                     max_position_embeddings=64),
+        "mpt": lambda: transformers.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, expansion_ratio=2,
+                                              max_seq_len=64),
+        "falcon_alibi": lambda: transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, alibi=True, multi_query=False,
+                                                          new_decoder_architecture=False),
+        "megatron_bert": lambda: transformers.MegatronBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=64,
+                                                                 is_decoder=True),
+    }
+    config = configs[name]()
+    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embed_dropout",
+                "attention_probs_dropout_prob", "hidden_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    if name == "mpt":
+        config.attn_config.attn_pdrop = 0
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+NO_SDPA = ["bloom", "gpt_neo", "mpt", "falcon_alibi", "megatron_bert"]
+
+
+@pytest.mark.parametrize("name", NO_SDPA)
+def test_transformers_model_without_sdpa_is_converted_through_its_attention_code(name):
+    # Issue 13, item 18: architectures transformers keeps eager (ALiBi as a float bias, GPT-Neo's where(mask, s,
+    # lowest), Bloom's baddbmm and batch-merged views) run SDPA, with the model's own numbers.
+    model = _no_sdpa_model(name)
+    ref = copy.deepcopy(model)
+    memopt.apply(model)
+    ids = _ids(0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on one row
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 3] = -100  # the first real token would be predicted from a pad position, whose query attends nothing
+    b = {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
+    loss_fn = lambda m, x: m(**x).loss  # noqa: E731
+    _assert_close_to_eager(ref, model, b, loss_fn)
+    touched = memopt.applied(model).touched("attention")
+    assert any("-> SDPA" in d for d in touched.values()), memopt.applied(model)
+    eager = [t for t in _saved_square(ref, b, loss_fn, SEQ) if t.requires_grad]
+    assert eager, "eager attention should keep (seq, seq) tensors: the test is blind"
+    assert [t.shape for t in _saved_square(model, b, loss_fn, SEQ) if t.requires_grad] == []
+
+
+def test_transformers_model_without_sdpa_or_pattern_warns_and_stays_correct():
     import transformers
 
     from memopt import _log
 
-    config = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                                       attention_types=[[["global", "local"], 1]], max_position_embeddings=64)
-    config._attn_implementation = "eager"
-    model = transformers.GPTNeoForCausalLM(config)
+    # Gemma 2 soft-caps its attention logits (tanh): no SDPA form, and its attention is a module-level function
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       max_position_embeddings=64)
+    model = transformers.Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
     ref = copy.deepcopy(model)
-    _log._warned.discard("no-sdpa-GPTNeoForCausalLM")
-    with pytest.warns(UserWarning, match=r"GPTNeoForCausalLM has no SDPA attention in transformers") as rec:
+    _log._warned.discard("no-sdpa-Gemma2ForCausalLM")
+    with pytest.warns(UserWarning, match=r"Gemma2ForCausalLM has no SDPA attention in transformers") as rec:
         memopt.apply(model)
     assert rec[0].filename == __file__
     assert "no SDPA implementation" in memopt.applied(model).skipped("attention")[""]

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .._log import logger, warn_once
 from .._modules import find_blocks, get_submodule, no_blocks_message, select_modules, transformers_class
-from .._patch import ForwardPatch, find, install, uninstall
+from .._patch import ForwardPatch, find, install, replaying_ambient, uninstall
 from .._record import Entry
 from .._registry import register_transform
 from ..config import CheckpointConfig
@@ -123,6 +123,11 @@ class _SelectiveContexts:
                     dropped += 1
         self.storage = None
         return dropped
+
+
+def _keep_policy(save: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing's policy as a plain function (torch.compile's form): keep the outputs of `save`."""
+    return CheckpointPolicy.MUST_SAVE if getattr(op, "overloadpacket", op) in save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -224,6 +229,9 @@ class _Checkpointed(ForwardPatch):
         if not (self.module.training and torch.is_grad_enabled()):
             return inner(*args, **kwargs)
         args, kwargs = _drop_caches(self.module, args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._compiled(inner, args, kwargs)
+        inner = replaying_ambient(inner)  # the recompute runs outside the forward: re-enter what surrounds it
         guard = None
         if self.guard_buffers:
             guard = _BufferGuard(self.module)
@@ -244,6 +252,19 @@ class _Checkpointed(ForwardPatch):
             logger.info("memopt: %s mutates matmul outputs in place; those are recomputed, not kept",
                         type(self.module).__name__)
         return out
+
+    def _compiled(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
+        """Under torch.compile: Dynamo makes the call one recompute region (`tag_activation_checkpoint`) and
+        AOTAutograd's partitioner recomputes it in backward. The graph is functional, so the eager-only machinery
+        is not needed: buffers are not updated twice (no buffer guard) and no kept output can be written in place
+        (no stale-cache check). Selective checkpointing passes its op list as a plain policy function, the only kind
+        Dynamo accepts. `offload` is not traced (saved-tensor hooks): see `memopt.applied`."""
+        extra = {}
+        if self.context_fn is not None:
+            extra["context_fn"] = functools.partial(
+                create_selective_checkpoint_contexts, functools.partial(_keep_policy, self.context_fn.save))
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=self.config.preserve_rng_state,
+                          determinism_check=self.config.determinism_check, **extra, **kwargs)
 
     def _run(self, run: Callable, args: tuple, kwargs: dict) -> Any:
         if self.config.offload:
