@@ -61,8 +61,14 @@ _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
 _DROPOUT = {F.dropout}
 _TO = {_T.to, _T.type_as, _T.float}
 _VIEW = {_T.view, _T.reshape, torch.reshape}
-# What the stand-in answers itself: it has the scores' shape, dtype and device.
-_META = {_T.size, _T.dim, _T.numel, _T.__len__, _T.shape.__get__, _T.dtype.__get__, _T.device.__get__,
+# What the stand-in answers itself: it has the scores' shape, dtype and device. requires_grad and is_leaf too (no
+# grad, a leaf): hooks that trackers (MemTracker, memopt.track) put on module outputs needing grad would otherwise
+# compute the scores of a Dropout module that returns them.
+# And what reads no values: observers (MemTracker) ask outputs for their storage, and see the stand-in's one element,
+# which is all that exists.
+_META = {_T.requires_grad.__get__, _T.is_leaf.__get__, _T.untyped_storage, _T.data_ptr, _T.storage_offset,
+         _T.stride, _T.is_contiguous, _T.element_size, _T.nbytes.__get__, _T.itemsize.__get__,
+         _T.is_floating_point, _T.is_complex, _T.get_device, _T.is_sparse.__get__, _T.is_meta.__get__, _T.size, _T.dim, _T.numel, _T.__len__, _T.shape.__get__, _T.dtype.__get__, _T.device.__get__,
          _T.ndim.__get__, _T.is_cuda.__get__, _T.layout.__get__}
 
 
@@ -598,8 +604,11 @@ class _Handwritten(ForwardPatch):
         self.converted = 0
         self.calls = 0
         self.as_written: str | None = None  # why this module now runs as written, if it does
+        self.escape: str | None = None  # why it will, from its next forward (not a recompute of this one) on
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.escape is not None and torch._C._current_graph_task_id() == -1:
+            self.as_written = self.escape  # a forward, not checkpointing's recompute: that must redo what ran
         if self.as_written is not None:
             return self.call_inner(*args, **kwargs)
         watch = _Watch(self)
@@ -630,12 +639,11 @@ class _Handwritten(ForwardPatch):
     def escaped(self, func: Any) -> None:
         """Scores made under this module's watch are used after its forward returned (kept in an attribute,
         returned, put in a dataclass): they are computed now, with autograd. The module needs the (T, S) matrix
-        anyway, so from its next call on it runs as written."""
-        if self.as_written is None and not torch.compiler.is_compiling():
-            self.as_written = (f"its attention scores are used after its forward returns ({_name(func)} on them): "
-                               "computed as written, with autograd")
-            self.record.set("attention", self.fqn, "skipped", f"hand-written attention kept as written: "
-                                                               f"{self.as_written}")
+        anyway, so from its next forward on it runs as written."""
+        if self.escape is None and not torch.compiler.is_compiling():
+            self.escape = (f"its attention scores are used after its forward returns ({_name(func)} on them): "
+                           "computed as written, with autograd")
+            self.record.set("attention", self.fqn, "skipped", f"hand-written attention kept as written: {self.escape}")
 
 
 @contextlib.contextmanager
