@@ -11,6 +11,8 @@ import torch.nn as nn
 
 # Containers are never blocks themselves: a stack of stacks is searched one level down.
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+# Containers whose forward never runs (their owner calls the modules inside): never a block, found or named.
+_NO_FORWARD = (nn.ModuleList, nn.ModuleDict)
 
 def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
@@ -61,6 +63,8 @@ def _repeated_children(model: nn.Module, containers: bool = False, least: int = 
         for child_name, child in children:
             if counts[type(child)] < least or isinstance(child, _CONTAINERS) != containers:
                 continue
+            if isinstance(child, _NO_FORWARD):
+                continue  # UNet/timm stages: ModuleLists whose layers the model calls one by one
             if next(child.children(), None) is None or not _has_params(child):
                 continue
             found.append((f"{name}.{child_name}" if name else child_name, child))
@@ -98,6 +102,9 @@ def select_modules(model: nn.Module, spec: Any, what: str) -> list[tuple[str, nn
     Raises ValueError when an explicit item matched nothing, naming it and what the model has instead.
     """
     items = _as_list(spec)
+    if not items:
+        raise ValueError(f"{what}={spec!r} names no module; name the blocks ({_suggest(model)}) or leave {what}= "
+                         "out to find them automatically")
     named = list(model.named_modules())
     chosen: dict[str, nn.Module] = {}
     for item in items:
@@ -115,6 +122,13 @@ def select_modules(model: nn.Module, spec: Any, what: str) -> list[tuple[str, nn
         if not hits:
             raise ValueError(f"{what}={_describe(item)} matched no module; {_suggest(model)}")
         chosen.update(hits)
+    for name, module in chosen.items():
+        if isinstance(module, _NO_FORWARD):
+            raise ValueError(
+                f"{what}= matched {name or '<root>'!r}, an {type(module).__name__} whose forward never runs (its owner "
+                f"calls the modules inside one by one): checkpointing it would do nothing. Name its layers instead: "
+                f"{what}=['{name + '.' if name else ''}*']"
+            )
     order = {n: i for i, (n, _) in enumerate(named)}
     return outermost(sorted(chosen.items(), key=lambda nm: order[nm[0]]))
 
@@ -129,7 +143,7 @@ def _describe(item: Any) -> str:
     return getattr(item, "__name__", repr(item))
 
 def _suggest(model: nn.Module) -> str:
-    """A short hint listing the model's top-level structure, for error messages."""
+    """A short hint listing the model's top-level structure and a `blocks=` that names modules it has."""
     lines = []
     for name, child in model.named_children():
         sub = [n for n, _ in child.named_children()][:4]
@@ -137,17 +151,31 @@ def _suggest(model: nn.Module) -> str:
         inner = f" (children: {', '.join(sub)}{more})" if sub else ""
         lines.append(f"{name}: {type(child).__name__}{inner}")
     shown = "; ".join(lines[:8]) or f"{type(model).__name__} has no submodules"
-    stack = next((n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n), None)
-    example = f"{stack}.*" if stack else "layers.*"
-    return (
-        f"the model's top-level modules are: {shown}. Name the blocks with blocks=['{example}'] (FQN glob), "
-        "blocks=MyBlockClass, or blocks=lambda name, module: ..."
-    )
+    return (f"the model's top-level modules are: {shown}. Name the blocks with {_example(model)}, blocks=MyBlockClass, "
+            "or blocks=lambda name, module: ...")
+
+
+def _example(model: nn.Module) -> str:
+    """``blocks=[...]`` naming real modules: the layers with parameters of the model's first stack (an nn.ModuleList
+    or nn.Sequential, the model itself included) holding two or more, else a glob over a nested stack's children."""
+    glob = None
+    for name, stack in model.named_modules():
+        if not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) < 2:
+            continue
+        prefix = f"{name}." if name else ""
+        layers = [f"{prefix}{n}" for n, m in stack.named_children() if _has_params(m) and not isinstance(m, _NO_FORWARD)]
+        if len(layers) >= 2:
+            return "blocks=[" + ", ".join(repr(n) for n in layers[:3]) + (", ...]" if len(layers) > 3 else "]")
+        if name and glob is None:
+            glob = f"blocks=['{prefix}*']"
+    return glob or "blocks=['<fqn>', ...] (FQNs from model.named_modules())"
+
 
 def no_blocks_message(model: nn.Module) -> str:
     return (
         f"found no repeated blocks in {type(model).__name__} (no transformers GradientCheckpointingLayer, no "
-        "nn.ModuleList/nn.Sequential holding two or more modules of one class); " + _suggest(model)
+        "nn.ModuleList/nn.Sequential holding two or more blocks of one class, a block being a module with layers of "
+        "its own: a Sequential(Linear, ReLU, Linear) holds layers, not blocks); " + _suggest(model)
     )
 
 _TASK_HEADS = ("classifier", "score", "qa_outputs")  # transformers' task heads (sequence/token classification, QA)

@@ -77,16 +77,63 @@ def test_bad_config_raises(kwargs, match):
 
 
 def test_model_without_blocks_gets_a_message_that_says_how_to_name_them():
+    # Issue 13.19: the message said "no two modules of one class" of a Sequential holding three Linears and
+    # suggested blocks=['layers.*'], which this model does not have. It names the model's own layers now.
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"found no repeated blocks in Sequential.*blocks=\['layers\.\*'\]"):
+    with pytest.raises(ValueError, match=r"found no repeated blocks in Sequential.*holds layers, not blocks.*"
+                                         r"blocks=\['0', '2'\]") as err:
         memopt.apply(model, checkpoint=True)
+    assert "layers.*" not in str(err.value)
     _assert_untouched(model, before)
     nested = nn.Sequential(nn.Linear(4, 4), nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(4, 4), nn.Tanh())}))
     with pytest.raises(ValueError, match=r"blocks=\['1.mlp.\*'\]"):  # the hint names a real stack of the model
         memopt.apply(nested, checkpoint=True)
     memopt.apply(model, checkpoint=True, attention=None, blocks=["0", "2"])  # naming them works
     assert list(memopt.applied(model).touched("checkpoint")) == ["0", "2"]
+
+
+class Stages(nn.Module):
+    """UNet/timm style: stages of different layers kept in ModuleLists, called one layer at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()), nn.Sequential(nn.Linear(8, 8), nn.Tanh())]),
+            nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.GELU())]),
+        ])
+
+    def forward(self, x):
+        for stage in self.stages:
+            for layer in stage:
+                x = x + layer(x)
+        return x
+
+
+def test_modulelist_stages_are_not_blocks_found_or_named():
+    # Issue 13.8: ModuleList "blocks" were reported checkpointed, but a ModuleList's forward never runs.
+    model = Stages()
+    memopt.apply(model, checkpoint=True, attention=None)
+    touched = memopt.applied(model).touched("checkpoint")
+    assert touched and not any(isinstance(model.get_submodule(n), nn.ModuleList) for n in touched), touched
+    model = Stages()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'stages.0', an ModuleList whose forward never runs.*blocks=\['stages.0.\*'\]"):
+        memopt.apply(model, checkpoint=True, attention=None, blocks=["stages.0", "stages.1"])
+    _assert_untouched(model, before)
+
+
+def test_empty_blocks_raises_and_keeps_existing_checkpointing():
+    # Issue 13.9: blocks=[] was accepted and silently removed the checkpointing already there.
+    model = Stages()
+    memopt.apply(model, checkpoint=True, attention=None)
+    before = dict(memopt.applied(model).touched("checkpoint"))
+    with pytest.raises(ValueError, match=r"blocks=\[\] names no module"):
+        memopt.apply(model, checkpoint=True, attention=None, blocks=[])
+    assert memopt.applied(model).touched("checkpoint") == before
+    from memopt.transforms.checkpoint import checkpointed
+
+    assert all(checkpointed(model.get_submodule(n)) for n in before)
 
 
 @pytest.mark.parametrize("fn", [memopt.apply, memopt.applied, memopt.remove])
