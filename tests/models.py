@@ -117,18 +117,19 @@ HF_MODELS: dict[str, Callable] = {
 
 
 class CausalSelfAttention(nn.Module):
-    """nanoGPT's attention, written out by hand (no SDPA)."""
+    """nanoGPT's attention on its path without flash (PyTorch < 2 or flash off): softmax(QK^T)V written out."""
 
-    def __init__(self, d: int, nh: int, dropout: float):
+    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True):
         super().__init__()
         self.nh = nh
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
+        self.c_attn = nn.Linear(d, 3 * d, bias=bias)
+        self.c_proj = nn.Linear(d, d, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
         self.register_buffer("bias", torch.tril(torch.ones(SEQ * 4, SEQ * 4)).view(1, 1, SEQ * 4, SEQ * 4))
 
     def heads(self, x):
-        B, T, C = x.shape
+        B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
@@ -137,25 +138,51 @@ class CausalSelfAttention(nn.Module):
 
     def merge(self, y):
         B, nh, T, hs = y.shape
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs)))
 
     def forward(self, x):
-        B, T, C = x.shape
+        B, T, C = x.size()
         q, k, v = self.heads(x)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-        att = self.attn_dropout(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class LayerNorm(nn.Module):
+    """nanoGPT's LayerNorm: the bias is optional (PyTorch's LayerNorm had no bias=False)."""
+
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, dropout: float, bias: bool = True):
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * d, d, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, nh: int, dropout: float):
+    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, nh, dropout)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.ln_1 = LayerNorm(d, bias)
+        self.attn = CausalSelfAttention(d, nh, dropout, bias)
+        self.ln_2 = LayerNorm(d, bias)
+        self.mlp = MLP(d, dropout, bias)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -163,29 +190,64 @@ class Block(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, d: int = 32, nh: int = 4, n_layer: int = 3, dropout: float = 0.0):
+    """nanoGPT's GPT as its users have it: weight tying, scaled init of the residual projections, the head on the
+    last position only when no targets are given, targets padded with -1 (its ignore_index), and
+    `configure_optimizers`' weight-decay groups."""
+
+    def __init__(self, d: int = 32, nh: int = 4, n_layer: int = 3, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(VOCAB, d), wpe=nn.Embedding(SEQ * 4, d), drop=nn.Dropout(dropout),
-            h=nn.ModuleList([Block(d, nh, dropout) for _ in range(n_layer)]), ln_f=nn.LayerNorm(d),
+            h=nn.ModuleList([Block(d, nh, dropout, bias) for _ in range(n_layer)]), ln_f=LayerNorm(d, bias),
         ))
         self.lm_head = nn.Linear(d, VOCAB, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        pos = torch.arange(idx.shape[1], device=idx.device)
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:  # inference: only the last position's logits, (b, 1, vocab)
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]  # matmuls and embeddings decay; biases and norms not
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def _nanogpt_targets(seed: int) -> torch.Tensor:
+    targets = _ids(seed + 1)
+    targets[0, -3:] = -1  # padded, as nanoGPT's data loaders pad: ignore_index=-1
+    return targets
 
 
 def nanogpt(dropout: float = 0.0):
     model = NanoGPT(dropout=dropout)
-    return model, lambda seed=0: {"idx": _ids(seed), "targets": _ids(seed + 1)}, lambda m, b: m(**b)
+    return model, lambda seed=0: {"idx": _ids(seed), "targets": _nanogpt_targets(seed)}, lambda m, b: m(**b)[1]
 
 
 class EncoderClassifier(nn.Module):
