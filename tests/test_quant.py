@@ -220,3 +220,35 @@ def test_skip_patterns_and_a_default_that_matched_nothing():
     convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     with pytest.warns(UserWarning, match=r"found no layer to quantize in Sequential"):
         memopt.apply(convs, quant="8bit", attention=None)
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (dict(compute_dtype=torch.int8), ValueError,
+     r"compute_dtype=torch.int8\) is not supported; use torch.float16, torch.bfloat16, torch.float32"),
+    (dict(compute_dtype="int8"), ValueError, r"compute_dtype='int8'\) is not supported; use torch.float16"),
+    (dict(compute_dtype="float17"), ValueError, r"compute_dtype='float17'\) is not supported"),
+    (dict(bits=8, compute_dtype=torch.float16), ValueError, r"compute_dtype only applies to bits=4"),
+    (dict(blocksize=64.0), ValueError, r"blocksize=64.0\) must be a power of two from 32 to 4096, as an int"),
+    (dict(blocksize=True), ValueError, r"blocksize=True\) must be a power of two from 32 to 4096, as an int"),
+    (dict(bits=4.0), ValueError, r"bits=4.0\) is not supported; use 4 or 8"),
+    (dict(skip=5), TypeError, r"skip=5\) must be a layer name or glob pattern, or a list of them"),
+    (dict(skip=["ok", 3]), TypeError, r"skip=\['ok', 3\]\) must be a layer name or glob pattern"),
+    (dict(threshold=-1.0), ValueError, r"threshold=-1.0\) must be a non-negative number"),
+    (dict(threshold="6"), ValueError, r"threshold='6'\) must be a non-negative number"),
+    (dict(double_quant=1), TypeError, r"double_quant=1\) must be True or False"),
+    (dict(skip_head="no"), TypeError, r"skip_head='no'\) must be True or False"),
+])
+def test_bad_quant_config_values_are_named_up_front(config, error, match):
+    with pytest.raises(error, match=match):
+        memopt.QuantConfig(**config)
+
+
+def test_compute_dtype_by_name_like_transformers_bitsandbytes_config():
+    config = memopt.QuantConfig(compute_dtype="float16")
+    assert config.compute_dtype is torch.float16
+    assert memopt.QuantConfig(compute_dtype="bfloat16").compute_dtype is torch.bfloat16
+    model, batch, loss_fn = _llama()
+    memopt.apply(model, quant=config)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.compute_dtype is torch.float16
+    loss_fn(model, batch(0)).backward()  # the 4-bit matmul runs in float16 and back
