@@ -232,7 +232,13 @@ class LoraSettings:
         target_modules: which layers get adapters (names or FQN suffixes, as PEFT takes them); "all-linear" = every
             Linear-like layer (nn.Linear, Conv1D, quantized ones) except the output head, weights tied to another
             parameter, and nn.MultiheadAttention's projections, decided by memopt for any model.
-        peft_config: a `peft.LoraConfig` used as is (the other fields are ignored).
+        peft_config: a `peft.LoraConfig` used as is (the fields above are ignored; ``head_in_float32`` is not).
+        head_in_float32: whether a bf16/fp16 output head that is not tied to the input embedding is upcast to float32
+            (in place; the head is frozen). None (default): upcast unless ``loss="chunked"`` computes the head (in
+            the same `apply` call or an earlier one). A float32 head costs 2 more bytes per head weight
+            (vocab x hidden) and saves the half logits kept beside their float32 copy (batch x seq x vocab x 2
+            bytes) in a plain loss; the chunked loss keeps no full logits, so there it is only the cost. True: always
+            upcast; False: keep the head in the model's dtype.
     """
 
     r: int = 8
@@ -240,8 +246,12 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: Any = "all-linear"
     peft_config: Any = None
+    head_in_float32: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.head_in_float32 is not None and not isinstance(self.head_in_float32, bool):
+            raise TypeError(f"LoraSettings(head_in_float32={self.head_in_float32!r}) must be True, False or None "
+                            "(None: float32 unless loss='chunked' computes the head)")
         if self.peft_config is not None:
             return
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -312,6 +312,23 @@ def test_bitsandbytes_optional_kernel_message_is_explained_not_printed():
         assert any(line.startswith("memopt: ") and "memopt's quantized layers do not use it" in line for line in lines)
 
 
+def test_lora_imports_peft_and_so_bitsandbytes_inside_the_same_guard(monkeypatch):
+    import contextlib
+
+    import memopt.transforms.lora as lora
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(lora, "bitsandbytes_import", guard)
+    memopt.apply(nn.Sequential(nn.Linear(64, 64)), lora=4, attention=None)
+    assert entered  # peft imports bitsandbytes: a first import through lora= is guarded too
+
+
 def test_quantizing_again_with_the_same_config_keeps_the_layers_and_says_so():
     model, batch, loss_fn = _llama()
     memopt.apply(model, quant="4bit")
