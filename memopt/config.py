@@ -129,11 +129,15 @@ class QuantConfig:
         quant_type: 4-bit format: ``"nf4"`` (normal-float, best for normally distributed weights) or ``"fp4"``.
         double_quant: also quantize the per-block absmax statistics (8-bit, second-level block 256): 0.127 instead
             of 0.5 extra bits per weight.
-        compute_dtype: dtype the 4-bit weights are dequantized to for the matmul; None = the layer's own float
-            dtype (fp32 stays fp32, bf16 stays bf16).
-        blocksize: 4-bit quantization block (weights sharing one absmax).
-        threshold: 8-bit outlier threshold: input features above it are multiplied in 16 bits (LLM.int8).
-        skip: FQNs or glob patterns of layers never quantized. A pattern that matches no Linear layer is an error.
+        compute_dtype: dtype the 4-bit weights are dequantized to for the matmul: ``torch.float16``,
+            ``torch.bfloat16`` or ``torch.float32`` (or its name, ``"bfloat16"``, as transformers'
+            ``BitsAndBytesConfig`` takes it); None = the layer's own float dtype (fp32 stays fp32, bf16 stays bf16).
+            4-bit only: 8-bit layers compute in their input's dtype.
+        blocksize: 4-bit quantization block (weights sharing one absmax): an int power of two from 32 to 4096.
+        threshold: 8-bit outlier threshold: input features above it are multiplied in 16 bits (LLM.int8); 0 turns
+            the outlier path off.
+        skip: FQNs or glob patterns of layers never quantized (a string or a list of strings). A pattern that matches
+            no Linear layer is an error.
         skip_head: keep the output head (``lm_head``, the output embedding, weights tied to the input embedding) in
             full precision: the logits are where quantization error hurts most, and a tied weight is shared.
     """
@@ -148,21 +152,55 @@ class QuantConfig:
     skip_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
+        # Checked here, not deep inside bitsandbytes: a float blocksize or a string dtype would fail there mid-apply.
+        if not _is_int(self.bits) or self.bits not in (4, 8):
             raise ValueError(f"QuantConfig(bits={self.bits!r}) is not supported; use 4 or 8")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"QuantConfig(quant_type={self.quant_type!r}) is not supported; use 'nf4' or 'fp4'")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"QuantConfig(blocksize={self.blocksize!r}) must be a power of two from 32 to 4096")
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        object.__setattr__(self, "skip", tuple(self.skip))
+        if not _is_int(self.blocksize) or self.blocksize not in _BLOCKSIZES:
+            raise ValueError(f"QuantConfig(blocksize={self.blocksize!r}) must be a power of two from 32 to 4096, as "
+                             f"an int: one of {_BLOCKSIZES}")
+        object.__setattr__(self, "compute_dtype", _compute_dtype(self.compute_dtype))
+        if self.compute_dtype is not None and self.bits == 8:
+            raise ValueError(f"QuantConfig(bits=8, compute_dtype={self.compute_dtype}): compute_dtype only applies to "
+                             "bits=4 (8-bit layers compute in their input's dtype); leave it None")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
+            raise ValueError(f"QuantConfig(threshold={self.threshold!r}) must be a non-negative number (LLM.int8's "
+                             "outlier threshold, 6.0 by default; 0 turns the outlier path off)")
+        for key in ("double_quant", "skip_head"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"QuantConfig({key}={getattr(self, key)!r}) must be True or False")
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in skip):
+            raise TypeError(f"QuantConfig(skip={self.skip!r}) must be a layer name or glob pattern, or a list of them "
+                            "(e.g. skip=['lm_head', '*.mlp.*'])")
+        object.__setattr__(self, "skip", tuple(skip))
 
     @property
     def name(self) -> str:
         if self.bits == 8:
             return "8bit"
         return self.quant_type + ("+dq" if self.double_quant else "")
+
+
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what bitsandbytes' 4-bit matmul computes in
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _compute_dtype(value: Any) -> torch.dtype | None:
+    """QuantConfig's compute_dtype: None, one of `_COMPUTE_DTYPES`, or its name ("bfloat16", "torch.float16")."""
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    if value is None or dtype in _COMPUTE_DTYPES:
+        return dtype
+    allowed = ", ".join(str(d) for d in _COMPUTE_DTYPES)
+    raise ValueError(f"QuantConfig(compute_dtype={value!r}) is not supported; use {allowed} (or its name, e.g. "
+                     "'bfloat16'), or None for the layer's own dtype")
 
 
 _QUANT_SHORTHANDS: dict[str, Callable[[], QuantConfig]] = {
@@ -194,7 +232,13 @@ class LoraSettings:
         target_modules: which layers get adapters (names or FQN suffixes, as PEFT takes them); "all-linear" = every
             Linear-like layer (nn.Linear, Conv1D, quantized ones) except the output head, weights tied to another
             parameter, and nn.MultiheadAttention's projections, decided by memopt for any model.
-        peft_config: a `peft.LoraConfig` used as is (the other fields are ignored).
+        peft_config: a `peft.LoraConfig` used as is (the fields above are ignored; ``head_in_float32`` is not).
+        head_in_float32: whether a bf16/fp16 output head that is not tied to the input embedding is upcast to float32
+            (in place; the head is frozen). None (default): upcast unless ``loss="chunked"`` computes the head (in
+            the same `apply` call or an earlier one). A float32 head costs 2 more bytes per head weight
+            (vocab x hidden) and saves the half logits kept beside their float32 copy (batch x seq x vocab x 2
+            bytes) in a plain loss; the chunked loss keeps no full logits, so there it is only the cost. True: always
+            upcast; False: keep the head in the model's dtype.
     """
 
     r: int = 8
@@ -202,8 +246,12 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: Any = "all-linear"
     peft_config: Any = None
+    head_in_float32: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.head_in_float32 is not None and not isinstance(self.head_in_float32, bool):
+            raise TypeError(f"LoraSettings(head_in_float32={self.head_in_float32!r}) must be True, False or None "
+                            "(None: float32 unless loss='chunked' computes the head)")
         if self.peft_config is not None:
             return
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -230,3 +230,168 @@ def test_default_targets_skip_the_tied_head_and_multihead_attention_projections(
     memopt.apply(layer, lora=4, attention=None)
     assert "reads the weight directly" in memopt.applied(layer).skipped("lora")["self_attn.out_proj"]
     assert set(memopt.applied(layer).touched("lora")) == {"linear1", "linear2"}
+
+
+def _train(model, batch, opt, steps=3):
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+
+
+def _lora_entries(model):
+    return [e for e in memopt.applied(model).entries if e.technique.split(":")[0] == "lora"]
+
+
+@pytest.mark.parametrize("again", [
+    lambda: 8, lambda: memopt.LoraSettings(r=8),
+    lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+])
+def test_applying_the_same_lora_again_keeps_the_trained_adapters(again):
+    model, batch = _llama()
+    memopt.apply(model, quant="4bit", lora=8, checkpoint=True)
+    opt = memopt.optimizer(model, "adamw", lr=1e-2)
+    _train(model, batch, opt, steps=2)
+    record = _lora_entries(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {id(p) for p in model.parameters()}
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    memopt.apply(model, lora=again(), checkpoint=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # lora_B is not zero again
+    assert {id(p) for p in model.parameters()} == params  # the optimizer's parameters are the model's
+    assert _lora_entries(model) == record
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits)
+    _train(model, batch, opt, steps=1)  # and training goes on with the same optimizer
+
+
+@pytest.mark.parametrize("first, again, match", [
+    (lambda: 8, lambda: 16, r"\(r=8, alpha=16 on 14 layers .*lora=16 asks for r=16, alpha=32 .*differ in rank, alpha\)"),
+    (lambda: 8, lambda: memopt.LoraSettings(r=8, alpha=32), r"alpha=16.*asks for .*alpha=32"),
+    (lambda: 8, lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]),
+     r"on 14 layers.*asks for r=8, alpha=16 on 2 layers.*differ in layers"),
+    (lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), lambda: 4, r"on 4 layers.*on 14 layers"),
+])
+def test_applying_other_lora_settings_is_refused_and_leaves_the_model_untouched(first, again, match):
+    model, batch = _llama()
+    memopt.apply(model, lora=first())
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    record = str(memopt.applied(model))
+    with pytest.raises(ValueError, match=r"already has LoRA adapters") as info:
+        memopt.apply(model, lora=again(), checkpoint=True)
+    assert info.match(match) and "would re-initialise them" in str(info.value)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert str(memopt.applied(model)) == record  # checkpoint=True in the same call was not applied either
+
+
+def test_adapters_added_with_peft_are_kept_by_the_same_lora_config():
+    model, batch = _llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft.inject_adapter_in_model(config, model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    memopt.apply(model, lora=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    touched = memopt.applied(model).touched("lora")
+    assert len(touched) == 4 and all("already in the model: kept" in d for d in touched.values())
+
+
+@pytest.mark.parametrize("targets", [["input_layernorm"], ["q_proj", "post_attention_layernorm"], ["self_attn"],
+                                     "model.layers.0.input_layernorm"])
+def test_a_target_peft_cannot_wrap_is_refused_before_quantization_changes_anything(targets):
+    model, _ = _llama()
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"PEFT cannot put LoRA on .*model.layers.0.\w+ \(Llama\w+\).*nn.Linear"):
+        memopt.apply(model, quant="4bit", lora=peft.LoraConfig(r=4, target_modules=targets))
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules  # every Linear still an nn.Linear
+
+
+def test_layer_types_peft_supports_beyond_linear_are_accepted():
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 32))
+    memopt.apply(model, lora=peft.LoraConfig(r=4, target_modules=["0", "1"]), attention=None)
+    assert set(memopt.applied(model).touched("lora")) == {"0", "1"}
+
+
+@pytest.mark.parametrize("rank", [10**9, 65])
+def test_a_rank_above_every_layers_dimensions_is_refused_before_anything_is_allocated(rank):
+    model, _ = _llama()  # hidden 64: no targeted layer has both dimensions above 64
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"lora r={rank} is above min\(in_features, out_features\) of every "
+                                         r"layer it adapts \(at most 64 here.*model.layers.0.self_attn.q_proj"):
+        memopt.apply(model, quant="4bit", lora=rank)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+
+
+def test_a_rank_at_full_rank_for_some_layers_says_so():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    memopt.apply(model, lora=8, attention=None)
+    touched = memopt.applied(model).touched("lora")
+    assert "full rank" not in touched["0"]
+    assert "r=8 is full rank here: min(in, out) = 4" in touched["2"]
+
+
+def _resident(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("order", ["same call", "loss first"])
+def test_chunked_loss_keeps_a_bf16_head_in_bf16(order):
+    model, batch = _llama(torch.bfloat16)
+    ref, _ = _llama(torch.bfloat16)
+    memopt.apply(ref, quant="4bit", lora=8)
+    if order == "same call":
+        memopt.apply(model, quant="4bit", lora=8, loss="chunked")
+    else:
+        memopt.apply(model, loss="chunked")
+        memopt.apply(model, quant="4bit", lora=8)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and ref.lm_head.weight.dtype == torch.float32
+    assert "loss='chunked' computes it" in memopt.applied(model).skipped("lora:head")["lm_head"]
+    assert _resident(ref) - _resident(model) == 2 * model.lm_head.weight.numel()  # 2 bytes per head weight
+    model.train()
+    ref.train()
+    loss, ref_loss = model(**batch).loss, ref(**batch).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.allclose(loss, ref_loss, rtol=2e-2)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("head_in_float32, loss, dtype", [(False, None, torch.bfloat16), (True, "chunked", torch.float32),
+                                                          (None, None, torch.float32)])
+def test_head_in_float32_switch(head_in_float32, loss, dtype):
+    model, batch = _llama(torch.bfloat16)
+    memopt.apply(model, quant="4bit", lora=memopt.LoraSettings(r=8, head_in_float32=head_in_float32), loss=loss)
+    assert model.lm_head.weight.dtype == dtype
+    model.train()
+    model(**batch).loss.backward()
+
+
+def test_bad_head_in_float32():
+    with pytest.raises(TypeError, match=r"head_in_float32='yes'\) must be True, False or None"):
+        memopt.LoraSettings(head_in_float32="yes")
+
+
+def _entries_but_backend(model):
+    """What apply recorded, without the SDPA kernels the first forwards saw (a new apply counts them again)."""
+    return [e for e in memopt.applied(model).entries if e.technique != "attention:backend"]
+
+
+def test_the_whole_qlora_call_twice_is_harmless():
+    model, batch = _llama(torch.bfloat16)
+    memopt.apply(model, quant="4bit", lora=16, checkpoint=True)
+    opt = memopt.optimizer(model, "adamw", lr=1e-2)
+    _train(model, batch, opt, steps=1)
+    record = _entries_but_backend(model)
+    assert "lora:head" in {e.technique for e in record}  # the head upcast is recorded, and stays recorded
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    memopt.apply(model, quant="4bit", lora=16, checkpoint=True)  # a notebook cell run twice
+    assert _entries_but_backend(model) == record
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    _train(model, batch, opt, steps=1)

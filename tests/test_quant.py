@@ -64,6 +64,8 @@ def test_layers_4bit_cannot_take_are_skipped_with_the_reason():
     assert "in_features divisible by blocksize=64" in memopt.applied(model).skipped("quant")["model.layers.0.mlp.up_proj"]
     memopt.apply(model, quant=memopt.QuantConfig(blocksize=32))
     assert "model.layers.0.mlp.up_proj" in memopt.applied(model).touched("quant")
+    # the layers the first call quantized with 64-weight blocks stay as they are, and the record says so
+    assert "already quantized with bits=4" in memopt.applied(model).skipped("quant")["model.layers.0.mlp.down_proj"]
 
 
 def test_gpt2_conv1d_is_quantized_in_linear_layout():
@@ -220,3 +222,134 @@ def test_skip_patterns_and_a_default_that_matched_nothing():
     convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     with pytest.warns(UserWarning, match=r"found no layer to quantize in Sequential"):
         memopt.apply(convs, quant="8bit", attention=None)
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (dict(compute_dtype=torch.int8), ValueError,
+     r"compute_dtype=torch.int8\) is not supported; use torch.float16, torch.bfloat16, torch.float32"),
+    (dict(compute_dtype="int8"), ValueError, r"compute_dtype='int8'\) is not supported; use torch.float16"),
+    (dict(compute_dtype="float17"), ValueError, r"compute_dtype='float17'\) is not supported"),
+    (dict(bits=8, compute_dtype=torch.float16), ValueError, r"compute_dtype only applies to bits=4"),
+    (dict(blocksize=64.0), ValueError, r"blocksize=64.0\) must be a power of two from 32 to 4096, as an int"),
+    (dict(blocksize=True), ValueError, r"blocksize=True\) must be a power of two from 32 to 4096, as an int"),
+    (dict(bits=4.0), ValueError, r"bits=4.0\) is not supported; use 4 or 8"),
+    (dict(skip=5), TypeError, r"skip=5\) must be a layer name or glob pattern, or a list of them"),
+    (dict(skip=["ok", 3]), TypeError, r"skip=\['ok', 3\]\) must be a layer name or glob pattern"),
+    (dict(threshold=-1.0), ValueError, r"threshold=-1.0\) must be a non-negative number"),
+    (dict(threshold="6"), ValueError, r"threshold='6'\) must be a non-negative number"),
+    (dict(double_quant=1), TypeError, r"double_quant=1\) must be True or False"),
+    (dict(skip_head="no"), TypeError, r"skip_head='no'\) must be True or False"),
+])
+def test_bad_quant_config_values_are_named_up_front(config, error, match):
+    with pytest.raises(error, match=match):
+        memopt.QuantConfig(**config)
+
+
+def test_compute_dtype_by_name_like_transformers_bitsandbytes_config():
+    config = memopt.QuantConfig(compute_dtype="float16")
+    assert config.compute_dtype is torch.float16
+    assert memopt.QuantConfig(compute_dtype="bfloat16").compute_dtype is torch.bfloat16
+    model, batch, loss_fn = _llama()
+    memopt.apply(model, quant=config)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.compute_dtype is torch.float16
+    loss_fn(model, batch(0)).backward()  # the 4-bit matmul runs in float16 and back
+
+
+@pytest.fixture
+def bnb_code_tables():
+    """bitsandbytes caches its quantization code tables in a module-level dict (on the device of their first use):
+    put it back afterwards, so that a regression of the meta test cannot break every later test of the session."""
+    import bitsandbytes.functional as bnbf
+
+    saved = dict(bnbf.name2qmap)
+    yield bnbf.name2qmap
+    bnbf.name2qmap.clear()
+    bnbf.name2qmap.update(saved)
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_meta_model_is_refused_and_a_later_quantization_still_works(quant, bnb_code_tables):
+    import transformers
+
+    bnb_code_tables.clear()  # as in a fresh process: the first quantization creates them
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(config)
+    modules, before = [(n, type(m)) for n, m in meta.named_modules()], set(meta.state_dict())
+    with pytest.raises(ValueError, match=r"on the meta device.*load the weights first.*memopt\.estimate"):
+        memopt.apply(meta, quant=quant)
+    assert [(n, type(m)) for n, m in meta.named_modules()] == modules and set(meta.state_dict()) == before
+    assert all(t.device.type != "meta" for t in bnb_code_tables.values())
+    model, batch, loss_fn = _llama()
+    memopt.apply(model, quant=quant)  # bitsandbytes' global state is not poisoned by the refused call
+    with torch.no_grad():
+        assert torch.isfinite(loss_fn(model, batch(0)))
+
+
+def test_bitsandbytes_optional_kernel_message_is_explained_not_printed():
+    """bitsandbytes 0.50 on an AVX512-BF16 CPU logs "Failed to load CPU gemm_4bit_forward from kernels-community"
+    when it is imported without the `kernels` package: a fused kernel for the inference repack that memopt turns off.
+    memopt's own import of bitsandbytes files it under memopt's logger instead, with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, torch, memopt\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))\n"
+        "memopt.apply(m, quant='4bit', attention=None)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert not any(line.startswith("bitsandbytes") and "kernels-community" in line for line in lines), out.stderr
+    if any("kernels-community" in line for line in lines):  # only where bitsandbytes wanted that kernel
+        assert any(line.startswith("memopt: ") and "memopt's quantized layers do not use it" in line for line in lines)
+
+
+def test_lora_imports_peft_and_so_bitsandbytes_inside_the_same_guard(monkeypatch):
+    import contextlib
+
+    import memopt.transforms.lora as lora
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(lora, "bitsandbytes_import", guard)
+    memopt.apply(nn.Sequential(nn.Linear(64, 64)), lora=4, attention=None)
+    assert entered  # peft imports bitsandbytes: a first import through lora= is guarded too
+
+
+def test_quantizing_again_with_the_same_config_keeps_the_layers_and_says_so():
+    model, batch, loss_fn = _llama()
+    memopt.apply(model, quant="4bit")
+    record = [e for e in memopt.applied(model).entries if e.technique == "quant"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    memopt.apply(model, quant=memopt.QuantConfig())  # "4bit" again
+    assert [e for e in memopt.applied(model).entries if e.technique == "quant"] == record
+    assert len(memopt.applied(model).touched("quant")) == 2 * 7  # still reported as quantized, not "skipped"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("first, again, match", [
+    ("4bit", "8bit", r"already quantized with bits=4, .* asks for bits=8"),
+    ("4bit", "fp4", r"already quantized with .*quant_type='nf4'.* asks for quant_type='fp4'"),
+    ("8bit", memopt.QuantConfig(bits=8, threshold=3.0), r"threshold=6.0.* asks for threshold=3.0"),
+])
+def test_quantizing_a_quantized_model_again_in_another_format_is_refused(first, again, match):
+    model, *_ = _llama()
+    memopt.apply(model, quant=first)
+    modules, state = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        memopt.apply(model, quant=again, checkpoint=True)
+    assert _snapshot(model)[0] == modules
+    assert all(torch.equal(_snapshot(model)[1][k], v) for k, v in state.items())

@@ -4,6 +4,7 @@ tracker leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -457,3 +458,75 @@ def test_chunked_loss_is_the_heads_own_row():
     # the root no longer keeps the log-softmax of the whole logits (it keeps nothing: no row at all)
     assert "" not in [layer.name for layer in c.layers] and p.layer("").activation_bytes > 0
     assert c.peak_bytes < p.peak_bytes
+
+
+def test_times_are_per_step_and_say_so():
+    model, opt, b, loss_fn = _setup("llama")
+    with memopt.track(model, opt) as tracker:
+        for _ in range(4):
+            _opt_step(model, opt, b, loss_fn)
+    report = tracker.report()
+    lines = report.table().splitlines()
+    header = next(line for line in lines if line.startswith("layer"))
+    assert re.split(r"\s{2,}", header.strip())[-2:] == ["fwd ms/step", "bwd ms/step"]
+    assert any("times: mean per step over 4 steps" in line for line in lines)
+    layer = report.layer("model.layers.0.mlp.gate_proj")
+    row = next(line for line in lines if line.startswith("model.layers.0.mlp.gate_proj "))
+    assert row.split()[-2] == f"{layer.forward_s * 1e3 / 4:.1f}"  # the sum over the steps, divided by 4
+
+
+def _report(layers, peak):
+    from memopt.tracker import LayerMemory
+
+    return memopt.MemoryReport(peak, dict.fromkeys(CATEGORIES, 0), {"module": "", "phase": "forward"},
+                               [LayerMemory(name, "Linear", param_bytes=n, peak_bytes=n) for name, n in layers],
+                               "cpu", steps=1)
+
+
+def test_compare_marks_rows_missing_on_one_side():
+    before = _report([("a", 1024), ("gone", 2048)], 4096)
+    after = _report([("a", 1024), ("new", 512)], 2048)
+    cmp = memopt.compare(before, after, names=("x", "y"))
+    lines = cmp.table().splitlines()
+    cells = {c[0]: c for c in (re.split(r"\s{2,}", line.strip()) for line in lines[len(CATEGORIES) + 2:])}
+    # layer, param x, y, grad x, y, activ x, y, delta, peak x, y
+    assert cells["gone"] == ["gone", "2.00 KiB", "-", "0 B", "-", "0 B", "-", "-", "2.00 KiB", "-"]
+    assert cells["new"] == ["new", "-", "512 B", "-", "0 B", "-", "0 B", "-", "-", "512 B"]
+    assert cells["a"] == ["a", "1.00 KiB", "1.00 KiB", "0 B", "0 B", "0 B", "0 B", "0 B", "1.00 KiB", "1.00 KiB"]
+    assert any("-: not in that report" in line for line in lines)
+    data = {r["name"]: r for r in cmp.rows()}
+    assert data["gone"]["param_bytes"] == (2048, None, None) and data["new"]["param_bytes"] == (None, 512, None)
+    assert data["a"]["param_bytes"] == (1024, 1024, 0)
+    assert json.dumps(cmp.to_dict())
+
+
+def test_a_long_run_keeps_every_steps_peak_in_the_thinned_timeline(monkeypatch):
+    import memopt.tracker.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_TIMELINE_MAX", 64)  # thinned many times over a few steps
+    model, opt, b, loss_fn = _setup("llama")
+    bounds = []
+    with memopt.track(model, opt) as tracker:
+        for _ in range(6):
+            _opt_step(model, opt, b, loss_fn)
+            bounds.append(tracker._ops)
+    report = tracker.report()
+    assert len(report.timeline) <= 64
+    starts = [0] + bounds[:-1]
+    peaks = [max((live for op, live, _ in report.timeline if lo < op <= hi), default=0) for lo, hi in zip(starts, bounds)]
+    assert peaks == [report.peak_bytes] * 6, (peaks, report.peak_bytes)  # identical steps look identical
+
+
+def test_timeline_thinning_keeps_the_peak_of_each_window():
+    from memopt.tracker.report import Timeline
+
+    line = Timeline(8)
+    for op in range(1000):
+        line.add(op, 100 if op % 50 == 7 else op % 5, "forward")  # a spike every 50 ops
+    points = line.points()
+    assert len(points) <= 8 and max(p[1] for p in points) == 100
+    assert [p[0] for p in points] == sorted(p[0] for p in points)
+    line = Timeline(16)
+    for op in range(40):
+        line.add(op, op, "backward" if op >= 20 else "forward")
+    assert line.points()[-1] == (39, 39, "backward")  # the last point is always there: the end of the run

@@ -17,6 +17,50 @@ PHASES = ("forward", "backward", "optimizer")
 OUTSIDE = "(outside model)"
 
 
+class Timeline:
+    """The ``(op index, live bytes, phase)`` points of a tracked region, at most `limit` of them, for the plot.
+
+    A long run is thinned evenly: when the list is full, neighbouring points merge pairwise into the higher of the
+    two and from then on one point is kept per window of twice as many ops, again the window's highest. Every
+    window shows its peak, so the first steps of a run, thinned most often, look as high as the last ones (keeping
+    every other point instead drops peaks, more of them the older they are). The last point is always kept: the
+    plot ends where the region did."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(4, int(limit))
+        self.stride = 1  # points added per point kept
+        self._points: list[tuple[int, int, str]] = []
+        self._window: tuple[int, int, str] | None = None  # the highest point of the window being filled
+        self._count = 0
+        self._last: tuple[int, int, str] | None = None
+
+    def add(self, op: int, live: int, phase: str) -> None:
+        point = (op, live, phase)
+        self._last = point
+        if self._window is None or live > self._window[1]:
+            self._window = point
+        self._count += 1
+        if self._count < self.stride:
+            return
+        self._points.append(self._window)
+        self._window, self._count = None, 0
+        if len(self._points) >= self.limit - 2:  # room for the window being filled and the last point
+            pairs = zip(self._points[0::2], self._points[1::2])
+            merged = [a if a[1] >= b[1] else b for a, b in pairs]
+            if len(self._points) % 2:
+                merged.append(self._points[-1])
+            self._points = merged
+            self.stride *= 2
+
+    def points(self) -> list[tuple[int, int, str]]:
+        points = list(self._points)
+        if self._window is not None:
+            points.append(self._window)
+        if self._last is not None and (not points or points[-1] != self._last):
+            points.append(self._last)
+        return points
+
+
 @dataclass
 class LayerMemory:
     """One module's memory, as `MemoryReport.layers` lists it (bytes are ints).
@@ -33,8 +77,8 @@ class LayerMemory:
         activation_bytes: what its own forward saved for backward (children excluded), or left alive for backward,
             in the step where that was largest.
         peak_bytes: the highest live total on the device while it ran (forward, or backward).
-        forward_s, backward_s: wall time inside it (children included), summed over the region; None where it is
-            not meaningful (CUDA's asynchronous kernels, fake tensors).
+        forward_s, backward_s: wall time inside it (children included), summed over the region (`table` shows
+            them per step); None where it is not meaningful (CUDA's asynchronous kernels, fake tensors).
         calls: forward calls in the region.
     """
 
@@ -68,7 +112,8 @@ class MemoryReport:
         layers: one `LayerMemory` per module that owns parameters or buffers or kept activations, in execution
             order.
         totals: bytes by category at the end of the region.
-        timeline: ``(op index, live bytes, phase)`` after each op that allocated, for the plot.
+        timeline: ``(op index, live bytes, phase)`` after each op that allocated, for the plot; in a long region
+            thinned to at most 20,000 points, each the highest of the ops it stands for (`Timeline`).
     """
 
     peak_bytes: int
@@ -127,14 +172,19 @@ class MemoryReport:
         ]
         head += [f"  note: {n}" for n in self.notes]
         timed = any(layer.forward_s is not None for layer in self.layers)
-        cols = ["layer", "type", "params", "param", "grad", "optim", "activ", "peak"] + (["fwd ms", "bwd ms"] if timed else [])
+        steps = max(self.steps, 1)  # forward_s / backward_s are sums over the region: shown per step
+        if timed:
+            head.append(f"  times: mean per step over {steps} step{'s' if steps != 1 else ''} (wall clock, children "
+                        "included)")
+        cols = ["layer", "type", "params", "param", "grad", "optim", "activ", "peak"]
+        cols += ["fwd ms/step", "bwd ms/step"] if timed else []
         rows = []
         for r in self.rows(depth):
             row = [r.name or "<root>", r.type, f"{r.params:,}", b(r.param_bytes), b(r.grad_bytes),
                    b(r.optimizer_bytes), b(r.activation_bytes), b(r.peak_bytes)]
             if timed:
-                row += ["" if r.forward_s is None else f"{r.forward_s * 1e3:.1f}",
-                        "" if r.backward_s is None else f"{r.backward_s * 1e3:.1f}"]
+                row += ["" if r.forward_s is None else f"{r.forward_s * 1e3 / steps:.1f}",
+                        "" if r.backward_s is None else f"{r.backward_s * 1e3 / steps:.1f}"]
             rows.append(row)
         total = ["total", "", f"{self.total('params'):,}", b(self.total("param_bytes")), b(self.total("grad_bytes")),
                  b(self.total("optimizer_bytes")), b(self.total("activation_bytes")), b(self.peak_bytes)]
@@ -211,17 +261,18 @@ class Comparison:
         return self.after.peak_bytes / self.before.peak_bytes if self.before.peak_bytes else float("nan")
 
     def rows(self, depth: int | None = None) -> list[dict[str, Any]]:
-        """One dict per layer present in either report: name, and each side's param/grad/optimizer/activation/
-        peak bytes, with the deltas (after - before)."""
+        """One dict per layer present in either report: name, and per attribute (param/grad/optimizer/activation/
+        peak bytes) ``(before, after, after - before)``; a side where the layer is not in that report is None
+        (a layer that only exists after `memopt.apply`, or that the tracker did not see run), and so is the delta."""
         a = {r.name: r for r in self.before.rows(depth)}
         b = {r.name: r for r in self.after.rows(depth)}
         out = []
         for name in list(a) + [n for n in b if n not in a]:
             row: dict[str, Any] = {"name": name}
             for attr in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "peak_bytes"):
-                x = getattr(a.get(name), attr, 0) if name in a else 0
-                y = getattr(b.get(name), attr, 0) if name in b else 0
-                row[attr] = (x, y, y - x)
+                x = getattr(a[name], attr) if name in a else None
+                y = getattr(b[name], attr) if name in b else None
+                row[attr] = (x, y, None if x is None or y is None else y - x)
             out.append(row)
         return out
 
@@ -230,8 +281,10 @@ class Comparison:
                 "after": self.after.to_dict(), "rows": self.rows()}
 
     def table(self, depth: int | None = None, units: str = "auto") -> str:
-        def b(n: int) -> str:
-            return format_bytes(n, units)
+        """The comparison as text; ``-`` marks a layer that is not in one of the reports (not ``0 B``, which is a
+        measured zero)."""
+        def b(n: int | None) -> str:
+            return _MISSING if n is None else format_bytes(n, units)
 
         x, y = self.names
         head = [f"peak: {x} {b(self.before.peak_bytes)} -> {y} {b(self.after.peak_bytes)} ({self.ratio:.2f}x)"]
@@ -247,13 +300,20 @@ class Comparison:
         widths = [max(len(str(v)) for v in col) for col in zip(cols, *rows)]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                  for line in [cols, *rows]]
+        if any(_MISSING in row[1:] for row in rows):
+            lines.append(f"({_MISSING}: not in that report)")
         return "\n".join(head + [""] + lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _signed(n: int, fmt) -> str:
+_MISSING = "-"  # a layer one of the two compared reports does not have
+
+
+def _signed(n: int | None, fmt) -> str:
+    if n is None:
+        return _MISSING
     return ("+" if n > 0 else "-" if n < 0 else "") + fmt(abs(n))
 
 

@@ -41,10 +41,10 @@ from torch.utils._pytree import tree_flatten
 
 from .. import _observe
 from ..transforms.quant import stored_tensors
-from .report import CATEGORIES, OUTSIDE, LayerMemory, MemoryReport
+from .report import CATEGORIES, OUTSIDE, LayerMemory, MemoryReport, Timeline
 
 _CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
-_TIMELINE_MAX = 20_000  # points kept for the plot; halved (every other point) when full
+_TIMELINE_MAX = 20_000  # points kept for the plot; when full, pairs merge into their higher point (report.Timeline)
 
 
 class _Storage:
@@ -159,8 +159,7 @@ class Tracker:
         self._in_optimizer = 0
         self._steps = 0
         self._ops = 0
-        self._timeline: list[tuple[int, int, str]] = []
-        self._timeline_stride = 1
+        self._timeline = Timeline(_TIMELINE_MAX)
         self._post_bw_pending: list = []
         self._engine_callback = False
         self._handles: list = []
@@ -348,10 +347,7 @@ class Tracker:
             self._peak = live
             self._peak_breakdown = dict(self._totals)
             self._peak_at = {"module": self._current, "phase": self._phase}
-        self._timeline.append((self._ops, live, self._phase))
-        if len(self._timeline) >= _TIMELINE_MAX:
-            self._timeline = self._timeline[::2]
-            self._timeline_stride *= 2
+        self._timeline.add(self._ops, live, self._phase)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         """Saved-tensors hook: autograd is keeping `t` for backward; it belongs to the innermost running module."""
@@ -602,7 +598,7 @@ class Tracker:
             device=str(self.device),
             steps=self._steps,
             totals=dict(self._totals),
-            timeline=list(self._timeline),
+            timeline=self._timeline.points(),
             notes=notes,
         )
 

@@ -8,21 +8,29 @@ by `skip=`, and layers the format cannot take.
 
 The layers are swapped one at a time, so the extra memory while quantizing is one layer's float weight. The
 quantized weights are frozen (they have no gradient); train them through LoRA (`lora=`).
+
+Applying again: layers already quantized in the requested format are kept (and recorded as quantized), layers in
+another format are left as they are with that reason; a call that could only meet other formats raises. A model
+on the meta device is refused before bitsandbytes runs (it has no weights to quantize, and bitsandbytes would cache
+its code table on meta for the rest of the process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib.util
-from dataclasses import dataclass
-from typing import Any
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from .._log import logger, warn_once
 from .._modules import get_submodule, head_names, mha_projections, shared_weights, transformers_class
-from .._record import Entry
+from .._record import Entry, record_of
 from .._registry import register_transform
 from ..config import QuantConfig
 
@@ -30,6 +38,43 @@ from ..config import QuantConfig
 def require_bitsandbytes(what: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(f"{what} needs bitsandbytes, which is not installed: pip install bitsandbytes")
+
+
+# bitsandbytes 0.50, imported on a CPU with AVX512-BF16, tries to fetch a fused 4-bit kernel from the Hugging Face Hub
+# (`kernels-community/quantization-bitsandbytes`, through the optional `kernels` package) and logs a warning when it
+# cannot. That kernel only serves the CPU inference repack (`packing_format_for_cpu`), which memopt turns off on the
+# layers it quantizes (see `_quantized`): nothing memopt does is slower without it.
+_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNELS_EXPLAINED = (
+    "bitsandbytes could not load its optional fused CPU 4-bit inference kernel from the Hugging Face Hub "
+    "(kernels-community, needs `pip install kernels` and network access): %s. memopt's quantized layers do not use it "
+    "(they keep bitsandbytes' AVX512-BF16 inference repack off, which is the only path that kernel serves)"
+)
+
+
+class _KernelsMessage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" not in str(record.msg):
+            return True
+        logger.info(_KERNELS_EXPLAINED, record.args[0] if record.args else record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def bitsandbytes_import() -> Iterator[None]:
+    """Import bitsandbytes (directly, or through peft or transformers) inside this block: its one warning about an
+    optional kernel memopt does not use goes to memopt's logger, at INFO, with the reason. A user's own earlier or
+    later import of bitsandbytes is left alone."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    log = logging.getLogger(_KERNELS_LOGGER)  # the logger bitsandbytes' module will get when it is imported
+    quiet = _KernelsMessage()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def _conv1d() -> type | None:
@@ -51,31 +96,43 @@ class _Target:
 class _Plan:
     targets: list[_Target]
     skipped: list[tuple[str, str]]
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (FQN, detail) of layers already quantized so
+
+
+_BASE = ".base_layer"  # PEFT keeps the layer it adapts under this name (memopt keeps its state_dict keys)
 
 
 def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
     require_bitsandbytes(f"quant={config.name!r}")
-    lora = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1].startswith("lora_")]
-    if lora:
-        raise ValueError(
-            f"quant={config.name!r} on a model that already has LoRA adapters ({lora[0]}, ...) would quantize the "
-            "adapters and leave nothing to train; pass quant= and lora= in one call (quantization runs first), or "
-            "quantize before adding LoRA"
-        )
+    adapters = tuple(n + "." for n, m in model.named_modules() if hasattr(m, "base_layer")
+                     and any(c.startswith("lora_") for c, _ in m.named_children()))
     conv1d = _conv1d()
     heads = head_names(model) if config.skip_head else set()
     shared = shared_weights(model)
     inside_mha = mha_projections(model)
     unmatched = set(config.skip)
-    targets, skipped = [], []
-    for fqn, module in model.named_modules():
+    targets, skipped, kept, other_format, under_lora = [], [], [], [], []
+    for path, module in model.named_modules():
+        if path.startswith(adapters) and not path.endswith(_BASE):
+            continue  # LoRA's own layers: never quantized
+        fqn = path.removesuffix(_BASE) if path.startswith(adapters) else path  # the name its state_dict keys keep
         is_linear = type(module) is nn.Linear
         is_conv1d = conv1d is not None and type(module) is conv1d
         if not (is_linear or is_conv1d or isinstance(module, nn.Linear)):
             continue
         hits = {p for p in config.skip if fnmatch.fnmatchcase(fqn, p) or fqn == p}
         unmatched -= hits
-        if hits:
+        found = _format_of(module)
+        if found is not None:  # quantized already (an earlier apply, or transformers' loader)
+            differs = {k: v for k, v in found.items() if _wanted(config).get(k, v) != v}
+            if differs:
+                other_format.append((fqn, found, differs))
+                skipped.append((fqn, f"already quantized with {_describe(found)}: kept as is (quantizing a quantized "
+                                     "weight again would compound the error)"))
+            else:
+                kept.append((fqn, f"{config.name} ({type(module).__name__} {module.out_features}x"
+                                  f"{module.in_features}; already quantized: kept)"))
+        elif hits:
             skipped.append((fqn, f"skip={sorted(hits)}"))
         elif fqn in inside_mha:
             skipped.append((fqn, "inside nn.MultiheadAttention, which reads the weight directly"))
@@ -90,14 +147,68 @@ def _plan(model: nn.Module, config: QuantConfig) -> _Plan:
         elif config.bits == 4 and _in_features(module, is_conv1d) % config.blocksize:
             skipped.append((fqn, f"4-bit needs in_features divisible by blocksize={config.blocksize} (bitsandbytes' "
                                  f"CPU kernels quantize whole blocks per row); this layer has {_in_features(module, is_conv1d)}"))
+        elif path != fqn:
+            under_lora.append(fqn)
         else:
             targets.append(_Target(fqn, module, is_conv1d))
+    if under_lora:
+        raise ValueError(
+            f"quant={config.name!r} on a model that already has LoRA adapters ({under_lora[0]}, ...) would quantize "
+            "the layers under the adapters after the fact; pass quant= and lora= in one call (quantization runs "
+            "first), or quantize before adding LoRA"
+        )
+    if other_format and not targets and not kept:  # the call could do nothing but leave another format behind
+        fqn, found, differs = other_format[0]
+        raise ValueError(
+            f"quant={config.name!r}: {len(other_format)} layers ({fqn}, ...) are already quantized with "
+            f"{_describe(found)}, where this asks for {_describe({k: _wanted(config)[k] for k in differs})}; a "
+            "quantized weight cannot be quantized again without compounding the error. Pass the quant= that made "
+            "them (applying the same again keeps them), or load the model in full precision for another format"
+        )
     if unmatched:
         raise ValueError(
             f"QuantConfig(skip=...) patterns {sorted(unmatched)} matched no Linear layer; the model's Linear layers "
             f"are e.g. {[t.fqn for t in targets[:4]]}"
         )
-    return _Plan(targets, skipped)
+    on_meta = [t.fqn for t in targets if t.module.weight.device.type == "meta"]
+    if on_meta:
+        # Quantizing meta weights would give meta layers (no values to quantize) and leave bitsandbytes' code
+        # table, cached on the device of its first use, on meta: every later 4-bit quantization would then fail.
+        raise ValueError(
+            f"quant={config.name!r}: {len(on_meta)} of the layers to quantize ({on_meta[0]}, ...) have their weights on "
+            "the meta device, so there is nothing to quantize; load the weights first (from_pretrained, or "
+            "model.to_empty(device=...) and load_state_dict) and apply quant= then, or use memopt.estimate(model, "
+            "quant=...) to size a model without its weights"
+        )
+    return _Plan(targets, skipped, kept)
+
+
+def _format_of(module: nn.Module) -> dict[str, Any] | None:
+    """How a bitsandbytes layer is quantized, in QuantConfig's terms; None for a layer that is not."""
+    name = type(module).__name__
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+        w = module.weight
+        return {"bits": 4, "quant_type": w.quant_type, "double_quant": bool(w.compress_statistics),
+                "blocksize": w.blocksize, "compute_dtype": module.compute_dtype}
+    if name == "Linear8bitLt":
+        return {"bits": 8, "threshold": float(module.state.threshold)}
+    return {"bits": name}  # another bitsandbytes layer: never one memopt made
+
+
+def _wanted(config: QuantConfig) -> dict[str, Any]:
+    if config.bits == 8:
+        return {"bits": 8, "threshold": float(config.threshold)}
+    wanted = {"bits": 4, "quant_type": config.quant_type, "double_quant": config.double_quant,
+              "blocksize": config.blocksize}
+    if config.compute_dtype is not None:  # None: the layer's own dtype, whatever it was
+        wanted["compute_dtype"] = config.compute_dtype
+    return wanted
+
+
+def _describe(fmt: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" if not isinstance(v, torch.dtype) else f"{k}={v}" for k, v in fmt.items())
 
 
 def _in_features(module: nn.Module, is_conv1d: bool) -> int:
@@ -105,7 +216,8 @@ def _in_features(module: nn.Module, is_conv1d: bool) -> int:
 
 
 def _quantized(target: _Target, config: QuantConfig) -> nn.Module:
-    import bitsandbytes as bnb
+    with bitsandbytes_import():
+        import bitsandbytes as bnb
 
     old = target.module
     weight = old.weight.detach()
@@ -154,9 +266,16 @@ def _load_4bit_state(module: nn.Module, state_dict: dict, prefix: str, *args: An
         module.weight.quant_state = QuantState.from_dict(extra, device=module.weight.device)
 
 
+def _kept_entries(model: nn.Module, kept: list[tuple[str, str]]) -> list[Entry]:
+    """Entries of layers already quantized: what memopt recorded when it quantized them, if it did."""
+    recorded = {e.fqn: e for e in record_of(model).entries if e.technique == "quant" and e.status == "applied"}
+    return [recorded.get(fqn) or Entry("quant", fqn, "applied", detail) for fqn, detail in kept]
+
+
 @register_transform(QuantConfig, technique="quant", order=10, plan=_plan)
 def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
     entries = [Entry("quant", fqn, "skipped", reason) for fqn, reason in plan.skipped]
+    entries += _kept_entries(model, plan.kept)
     for target in plan.targets:
         parent_name, _, child = target.fqn.rpartition(".")
         parent = get_submodule(model, parent_name)
@@ -164,7 +283,7 @@ def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
         setattr(parent, child, new)
         shape = f"{new.out_features}x{new.in_features}"
         entries.append(Entry("quant", target.fqn, "applied", f"{config.name} ({type(target.module).__name__} {shape})"))
-    if not plan.targets:
+    if not plan.targets and not plan.kept:
         warn_once(
             f"quant-nothing-{type(model).__name__}",
             f"quant={config.name!r} found no layer to quantize in {type(model).__name__} (it quantizes nn.Linear and "
