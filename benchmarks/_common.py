@@ -174,22 +174,8 @@ def resident_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
 
 
 def profiled_peak_increment(fn) -> int:
-    """Highest bytes allocated above the starting point while `fn` runs, from the PyTorch profiler's allocation
-    events (works where MemTracker cannot: frozen and quantized parameters, modules run twice)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Highest bytes allocated above the starting point while `fn` runs (works where MemTracker cannot: frozen and
+    quantized parameters, modules run twice, compiled steps)."""
+    from memopt.tracker import profiled_peak
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Each op's own net allocation (children excluded) at its start, and "[memory]" events for what was allocated or
-    # freed outside any op (Python `del`, autograd freeing saved tensors), in time order.
-    deltas = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            deltas.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage:
-            deltas.append((e.time_range.start, e.self_cpu_memory_usage))
-    live = peak = 0
-    for _, delta in sorted(deltas, key=lambda d: d[0]):
-        live += delta
-        peak = max(peak, live)
-    return peak
+    return profiled_peak(fn)

@@ -224,5 +224,25 @@ def mha_projections(model: nn.Module) -> set[str]:
     }
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(module)` wrapped (its `OptimizedModule` holds it as `_orig_mod`), or `model`.
+    memopt changes that module in place; the compiled wrapper traces it again at its next call (Dynamo's guards on
+    the module's attributes see the change)."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return uncompiled(inner)
+    return model
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """FQNs of the modules of `model` that torch.compile runs: `module.compile()` (in place) or an OptimizedModule
+    wrapper in the tree; `""` when `model` itself is one."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            found.append(name)
+    return found
+
+
 def get_submodule(model: nn.Module, fqn: str) -> nn.Module:
     return model if fqn == "" else model.get_submodule(fqn)

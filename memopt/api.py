@@ -20,6 +20,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
+from ._modules import uncompiled
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
 from .config import attention_config, checkpoint_config, lora_config, loss_config, quant_config, with_blocks
@@ -68,7 +69,9 @@ def apply(
             default: found automatically.
 
     Returns:
-        `model`, changed in place. `memopt.applied(model)` says what was done to which layer.
+        `model`, changed in place. `memopt.applied(model)` says what was done to which layer. A model already
+        compiled with ``torch.compile(model)`` is changed inside (its ``_orig_mod``); compile before or after,
+        the compiled step traces every technique (see the ``:compile`` rows of `memopt.applied`).
 
     Raises:
         TypeError: `model` is not an `nn.Module`.
@@ -77,6 +80,13 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
+    target = uncompiled(model)
+    _apply(target, checkpoint=checkpoint, attention=attention, quant=quant, lora=lora, loss=loss, blocks=blocks)
+    return model
+
+
+def _apply(model: nn.Module, *, checkpoint: Any, attention: Any, quant: Any, lora: Any, loss: Any,
+           blocks: Any) -> None:
     ckpt = checkpoint_config(checkpoint)
     if ckpt is None and blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
@@ -107,14 +117,14 @@ def apply(
             # a predicate would make the model unpicklable: keep the blocks it chose instead
             config = dataclasses.replace(config, blocks=tuple(e.fqn for e in entries if e.technique == transform.technique))
         record.replace(transform.technique, entries, config)
-    return model
 
 
 def applied(model: nn.Module) -> Applied:
-    """What memopt did to `model`: every module touched and every module skipped, with the reason."""
+    """What memopt did to `model`: every module touched and every module skipped, with the reason; the
+    ``<technique>:compile`` rows say what each technique does under torch.compile."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.applied expects an nn.Module, got {type(model).__name__}")
-    return record_of(model)
+    return record_of(uncompiled(model))
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -122,9 +132,10 @@ def remove(model: nn.Module) -> nn.Module:
     touched: quantization and LoRA stay."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.remove expects an nn.Module, got {type(model).__name__}")
-    record = record_of(model)
+    target = uncompiled(model)
+    record = record_of(target)
     for transform in transforms():
         if transform.remove is not None:
-            transform.remove(model)
+            transform.remove(target)
             record.replace(transform.technique, [], None)
     return model

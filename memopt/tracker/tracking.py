@@ -40,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 from .. import _observe
+from .._log import warn_once
+from .._modules import compiled_parts
 from ..transforms.quant import stored_tensors
 from .report import CATEGORIES, OUTSIDE, LayerMemory, MemoryReport, Timeline
 
@@ -123,6 +125,16 @@ class Tracker:
                 )
         self.model = model
         self.device = self._device(model, device)
+        self._compiled = compiled_parts(model)
+        if self._compiled:
+            warn_once(
+                f"track-compiled-{type(model).__name__}",
+                f"memopt.track measures the eager execution of {type(model).__name__}, compiled with torch.compile "
+                f"({', '.join(n or '<root>' for n in self._compiled[:3])}): torch.compile runs the eager code while a "
+                "dispatch mode (the tracker's) is active, and a compiled step's memory can differ; for the compiled "
+                "step's peak use memopt.tracker.profiled_peak(step)",
+                stacklevel=3,
+            )
         self._fake = False
         self._cuda = self.device.type == "cuda"
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
@@ -587,6 +599,9 @@ class Tracker:
                 layers.append(layer)
         peak = self._peak
         notes = []
+        if self._compiled:
+            notes.append("eager execution measured: torch.compile does not run compiled code under the tracker's "
+                         "dispatch mode (memopt.tracker.profiled_peak measures a compiled step)")
         if self._cuda and not self._fake:
             peak = torch.cuda.max_memory_allocated(self.device)
             notes.append(f"peak from torch.cuda.max_memory_allocated; tracked storages peaked at {self._peak} bytes")

@@ -384,9 +384,21 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
     for fqn, module, index in _cache_models(model):
         module.register_forward_pre_hook(functools.partial(_no_cache_in_training, index), with_kwargs=True)
         entries.append(Entry("checkpoint:use_cache", fqn, "applied", "use_cache=False in training steps; eval/generate unchanged"))
+    entries.append(_compile_note(config))
     n = sum(e.status == "applied" and e.technique == "checkpoint" for e in entries)
     logger.info("memopt: checkpointed %d of %d blocks (%s), found by %s", n, len(plan.blocks), config.name, plan.found_by)
     return entries
+
+
+def _compile_note(config: CheckpointConfig) -> Entry:
+    """What checkpointing does under torch.compile (`memopt.applied`'s "checkpoint:compile" row)."""
+    how = ("each checkpointed block is one recompute region (torch.utils.checkpoint's tag_activation_checkpoint), "
+           "recomputed in backward by AOTAutograd's partitioner" + (", keeping the outputs of the selective policy's "
+                                                                    "ops" if config.policy == "selective" else ""))
+    if config.offload:
+        return Entry("checkpoint:compile", "", "skipped", how + "; offload is not traced (saved-tensor hooks): "
+                                                         "compiled blocks keep their inputs on the device")
+    return Entry("checkpoint:compile", "", "applied", how)
 
 
 def checkpointed(module: nn.Module) -> bool:

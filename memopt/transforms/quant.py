@@ -292,7 +292,20 @@ def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
         )
     logger.info("memopt: quantized %d layers to %s, skipped %d", len(plan.targets), config.name, len(plan.skipped))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(entries, key=lambda e: order.get(e.fqn, 0))
+    entries = sorted(entries, key=lambda e: order.get(e.fqn, 0))
+    if plan.targets or plan.kept:
+        entries.append(_compile_note(config))
+    return entries
+
+
+def _compile_note(config: QuantConfig) -> Entry:
+    """What quantized layers do under torch.compile (`memopt.applied`'s "quant:compile" row)."""
+    if config.bits == 4:
+        return Entry("quant:compile", "", "applied", "bitsandbytes' 4-bit matmul (MatMul4Bit) is traced into the graph")
+    return Entry("quant:compile", "", "skipped",
+                 "bitsandbytes' Linear8bitLt updates its own layer state (MatmulLtState) in every forward: Dynamo "
+                 "traces that outside checkpointed blocks, but inside one it breaks the graph at each 8-bit layer "
+                 "(a side effect in a recompute region); 4-bit layers have no such break")
 
 
 def quantized_bytes(module: nn.Module) -> int:

@@ -190,6 +190,8 @@ def _apply(model: nn.Module, config: AttentionConfig, plan: _Plan) -> list[Entry
         )
     if entries and (config.report_backend or masks):
         install(model, FirstForwards, record=record if config.report_backend else None, masks=masks)
+    if entries:
+        entries.append(_compile_note(plan, masks, config))
     done = sum(e.status == "applied" for e in entries)
     logger.info("memopt: attention -> SDPA on %d module(s), %d left as is", done, len(entries) - done)
     return entries
@@ -220,6 +222,19 @@ def _switch_transformers(fqn: str, model: nn.Module, watched: bool) -> Entry:
         stacklevel=4,
     )
     return Entry("attention", fqn, "skipped", f"{name} has no SDPA implementation in transformers; stays eager")
+
+
+def _compile_note(plan: _Plan, masks: list, config: AttentionConfig) -> Entry:
+    """What attention='sdpa' does under torch.compile (`memopt.applied`'s "attention:compile" row)."""
+    parts = ["traced as it runs in eager: SDPA calls in the graph"]
+    if plan.handwritten:
+        parts.append("hand-written attention recognised while tracing (a causal mask is passed as a mask, not "
+                     "is_causal; a mask value held in a 0-d tensor, as GPT-Neo's, keeps that attention as written)")
+    if masks:
+        parts.append("the shared float mask is eager-only (the graph converts the bool mask)")
+    if config.report_backend:
+        parts.append("kernels are Inductor's choice, not probed")
+    return Entry("attention:compile", "", "applied", "; ".join(parts))
 
 
 def sdpa_converted(module: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..._log import warn_once
+from ..._modules import compiled_parts
 from ..._patch import ForwardPatch
 from ..._record import Applied
 
@@ -94,6 +95,13 @@ class FirstForwards(ForwardPatch):
         for shared in self.masks:
             shared.new_forward()
         if self.forwards_left <= 0:
+            return self.call_inner(*args, **kwargs)
+        compiled = compiled_parts(self.module)
+        if compiled:  # a dispatch mode would make torch.compile run those modules' eager code: no probing
+            self.forwards_left = 0
+            self.record.set("attention:backend", "", "skipped", "SDPA kernels not probed: parts of the model are "
+                            f"compiled with torch.compile ({', '.join(n or '<root>' for n in compiled[:3])}), and "
+                            "the kernels there are Inductor's choice")
             return self.call_inner(*args, **kwargs)
         self.running = True
         _RUNNING.append(self)
