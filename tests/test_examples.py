@@ -37,6 +37,12 @@ def test_checkpoint_benchmark_runs():
     assert out.count("| memopt") == 3 and "transformers gradient_checkpointing_enable" in out
 
 
+def test_compile_benchmark_runs():
+    out = _run("benchmarks/compile.py", "--hidden", "32", "--layers", "1", "--heads", "4", "--vocab", "128",
+               "--seq", "32", "--batch", "1", "--steps", "1", "--backend", "aot_eager")
+    assert out.count("compiled |") == 3 and out.count("eager |") == 3 and "target <= 1.25" in out
+
+
 def test_attention_benchmark_runs():
     out = _run("benchmarks/attention.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seqs", "64", "128",
                "--steps", "1")
