@@ -133,7 +133,6 @@ class Tracker:
                 f"({', '.join(n or '<root>' for n in self._compiled[:3])}): torch.compile runs the eager code while a "
                 "dispatch mode (the tracker's) is active, and a compiled step's memory can differ; for the compiled "
                 "step's peak use memopt.tracker.profiled_peak(step)",
-                stacklevel=3,
             )
         self._fake = False
         self._cuda = self.device.type == "cuda"

@@ -277,7 +277,6 @@ class _Checkpointed(ForwardPatch):
                 "offload-cpu",
                 "checkpoint='offload' on a model running on the CPU behaves as checkpoint='full': the kept block "
                 "inputs already live in host memory",
-                stacklevel=5,
             )
         return run(*args, **kwargs)
 
@@ -289,11 +288,11 @@ def _no_cache_in_training(index: int | None, module: nn.Module, args: tuple, kwa
         return None
     if index is not None and len(args) > index:
         if args[index]:
-            warn_once("use-cache", _USE_CACHE_MSG, stacklevel=4)
+            warn_once("use-cache", _USE_CACHE_MSG)
         args = (*args[:index], False, *args[index + 1 :])
     else:
         if kwargs.get("use_cache"):
-            warn_once("use-cache", _USE_CACHE_MSG, stacklevel=4)
+            warn_once("use-cache", _USE_CACHE_MSG)
         kwargs["use_cache"] = False
     return args, kwargs
 
@@ -365,7 +364,6 @@ def _apply(model: nn.Module, config: CheckpointConfig, plan: _Plan) -> list[Entr
             "offload-cpu",
             "checkpoint='offload' on a CPU-only model behaves as checkpoint='full': the kept block inputs already "
             "live in host memory",
-            stacklevel=3,  # warn_once <- _apply <- memopt.apply <- the caller
         )
     entries = []
     stored = dataclasses.replace(config, blocks=None)  # a blocks= lambda would make the model unpicklable

@@ -288,7 +288,6 @@ def _apply(model: nn.Module, config: QuantConfig, plan: _Plan) -> list[Entry]:
             f"quant-nothing-{type(model).__name__}",
             f"quant={config.name!r} found no layer to quantize in {type(model).__name__} (it quantizes nn.Linear and "
             "transformers' Conv1D; see memopt.applied(model) for what was skipped and why)",
-            stacklevel=3,
         )
     logger.info("memopt: quantized %d layers to %s, skipped %d", len(plan.targets), config.name, len(plan.skipped))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

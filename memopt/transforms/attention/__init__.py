@@ -186,7 +186,6 @@ def _apply(model: nn.Module, config: AttentionConfig, plan: _Plan) -> list[Entry
             f"attention='sdpa' found no attention in {type(model).__name__} (no transformers model, "
             "nn.MultiheadAttention, registered class, or module whose forward calls softmax); pass attention=None "
             "if the model has none, or teach memopt your module with memopt.register_attention(cls, fn)",
-            stacklevel=3,
         )
     if entries and (config.report_backend or masks):
         install(model, FirstForwards, record=record if config.report_backend else None, masks=masks)
@@ -219,7 +218,6 @@ def _switch_transformers(fqn: str, model: nn.Module, watched: bool) -> Entry:
         f"no-sdpa-{name}",
         f"{name} has no SDPA attention in transformers: its attention stays eager and keeps the (batch, heads, seq, "
         "seq) probabilities for backward; use checkpoint=True to drop them between forward and backward",
-        stacklevel=4,
     )
     return Entry("attention", fqn, "skipped", f"{name} has no SDPA implementation in transformers; stays eager")
 

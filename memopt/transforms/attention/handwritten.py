@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from contextlib import nullcontext
 import inspect
 import math
 import weakref
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map_only
 
 from ..._patch import ForwardPatch, ambient
@@ -186,9 +188,12 @@ class _Scores(torch.Tensor):
              dropout_p: float = 0.0) -> "_Scores":
         if seen is None:
             seen = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])  # (..., T, S)
-        with torch._C.DisableTorchFunctionSubclass():
-            stand_in = q.new_empty((), dtype=dtype or q.dtype).expand(seen)  # no memory: one element, broadcast
-        s = stand_in.as_subclass(_Scores)
+        if watch.fake:  # fake tensors (memopt.estimate) cannot be re-classed: a wrapper with the metadata alone
+            s = torch.Tensor._make_wrapper_subclass(_Scores, seen, dtype=dtype or q.dtype, device=q.device)
+        else:
+            with torch._C.DisableTorchFunctionSubclass():
+                stand_in = q.new_empty((), dtype=dtype or q.dtype).expand(seen)  # no memory: one element, broadcast
+            s = stand_in.as_subclass(_Scores)
         s.q, s.k, s.watch, s.seen, s.scale, s.attend, s.biases = q, k, watch, tuple(seen), scale, attend, biases
         s.probs, s.upcast, s.dropout_p, s.concrete = probs, upcast, dropout_p, None
         return s
@@ -211,6 +216,13 @@ class _Scores(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         return _dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # The fake-tensor wrapper only: an op below the torch-function layer (an observer's dispatch mode) gets the
+        # scores computed for real, without autograd (there is none down here).
+        args, kwargs = tree_map_only(_Scores, lambda t: t.materialise().detach(), (args, kwargs or {}))
+        return func(*args, **kwargs)
 
     def materialise(self) -> torch.Tensor:
         """The scores (or probabilities) computed for real, with autograd, as the user's code would have."""
@@ -294,37 +306,46 @@ def _run_on_concrete(func: Any, args: tuple, kwargs: dict, watch: "_Watch | None
     return _scores_in(args, kwargs)[0] if in_place else out
 
 
-_SUMS: list[tuple[tuple, weakref.ref, tuple]] = []  # eager: (the biases' layouts, the sum's storage, its layout)
+_SHARED: list[tuple[tuple, weakref.ref, tuple]] = []  # eager: (what it was made of, its storage, its layout)
 
 
 def _layout(t: torch.Tensor) -> tuple:
     return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def _shared(key: tuple, inputs: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A mask derived from other masks (`key` names how, `inputs` from what), made once and shared. Every layer of
+    a model derives the same masks (Bloom's ALiBi plus the padding mask, Falcon's ALiBi times its scale): in eager
+    the result is made once, so SDPA keeps one copy for backward, not one per layer. Found again by the inputs'
+    storage and layout (each layer sees them as new tensor objects) while the result's storage lives (SDPA keeps it
+    for backward). Under torch.compile and on fake tensors: made each time (Inductor shares equal computations)."""
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in inputs):
+        return compute()
+    full = (key, tuple(_layout(t) for t in inputs))
+    _SHARED[:] = [entry for entry in _SHARED if entry[1]() is not None]
+    for entry_key, storage, (offset, shape, stride, dtype, device) in _SHARED:
+        st = storage()
+        if entry_key == full and st is not None:
+            with torch._C.DisableTorchFunctionSubclass():
+                return torch.empty(0, dtype=dtype, device=device).set_(st, offset, shape, stride)
+    out = compute()
+    _SHARED.append((full, weakref.ref(out.untyped_storage()),
+                    (out.storage_offset(), tuple(out.shape), tuple(out.stride()), out.dtype, out.device)))
+    return out
+
+
 def _combined(biases: tuple) -> torch.Tensor | None:
-    """The sum of the additive masks. Every layer of a model adds the same masks (Bloom's ALiBi and padding mask):
-    in eager their sum is made once and shared, so SDPA keeps one copy for backward, not one per layer. Found again
-    by the masks' storage and layout (each layer sees them as new tensor objects) while the sum's storage lives
-    (SDPA keeps it for backward)."""
+    """The sum of the additive masks, shared across layers (`_shared`)."""
     if len(biases) < 2:
         return biases[0] if biases else None
-    shared = not torch.compiler.is_compiling() and not any(is_fake(b) for b in biases)
-    if shared:
-        keys = tuple(_layout(b) for b in biases)
-        _SUMS[:] = [entry for entry in _SUMS if entry[1]() is not None]
-        for entry_keys, storage, (offset, shape, stride, dtype, device) in _SUMS:
-            st = storage()
-            if entry_keys == keys and st is not None:
-                with torch._C.DisableTorchFunctionSubclass():
-                    return torch.empty(0, dtype=dtype, device=device).set_(st, offset, shape, stride)
-    total = biases[0]
-    for b in biases[1:]:
-        total = total + b
-    if shared:
-        st = total.untyped_storage()
-        _SUMS.append((keys, weakref.ref(st), (total.storage_offset(), tuple(total.shape), tuple(total.stride()),
-                                              total.dtype, total.device)))
-    return total
+
+    def total() -> torch.Tensor:
+        out = biases[0]
+        for b in biases[1:]:
+            out = out + b
+        return out
+
+    return _shared(("sum",), biases, total)
 
 
 def _is_causal(attend: torch.Tensor, t: int, s: int) -> bool:
@@ -383,19 +404,35 @@ def _in_layout(x: _Scores, mask: torch.Tensor) -> torch.Tensor | None:
 class _Watch:
     """One call of a watched module's forward: sees every op on its `_Watched` tensors (see the module docstring)."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Any, fake: bool = False) -> None:
         self.owner = owner
         self.active = True  # while the forward runs (and while checkpointing recomputes inside it)
         self.converted = 0
         self.reason: str | None = None
+        # Fake tensors (memopt.estimate) cannot be re-classed as `_Watched`: `_FakeWatch`, a TorchFunctionMode, sees
+        # every op instead (eager only, so no trouble for torch.compile), and transposed keys are remembered here.
+        self.fake = fake
+        self.keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(kT) -> (kT, k)
 
-    def watched(self, t: torch.Tensor, key: torch.Tensor | None = None) -> _Watched:
+    def watched(self, t: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fake:
+            if key is not None:
+                self.keys[id(t)] = (t, key)
+            return t
         w = t.as_subclass(_Watched)
         w.watch, w.key = self, key
         return w
 
+    def key_of(self, kt: Any) -> torch.Tensor | None:
+        if isinstance(kt, _Watched):
+            return kt.key
+        entry = self.keys.get(id(kt)) if self.fake else None
+        return entry[1] if entry is not None and entry[0] is kt else None
+
     def wrap(self, x: Any) -> Any:
         """The tensors in `x` (an op's output; a forward's arguments, nested), watched."""
+        if self.fake:
+            return x
         if isinstance(x, torch.Tensor):
             return x if isinstance(x, (_Watched, _Scores)) else self.watched(x)
         if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
@@ -443,9 +480,9 @@ class _Watch:
         return _run_on_concrete(func, args, kwargs, self)
 
     def _scores(self, q: Any, kt: Any) -> _Scores | None:
-        if not isinstance(kt, _Watched) or kt.key is None or not isinstance(q, torch.Tensor) or q.dim() < 3:
+        k = self.key_of(kt) if isinstance(kt, torch.Tensor) else None
+        if k is None or not isinstance(q, torch.Tensor) or q.dim() < 3:
             return None
-        k = kt.key
         if q.dim() != k.dim() or q.shape[-1] != k.shape[-1]:
             return None
         return _Scores.make(q, k, self)
@@ -533,7 +570,8 @@ class _Watch:
             if c == 0:
                 return NotImplemented
             c = 1.0 / c if divide else c
-            return x.but(scale=x.scale * c, biases=tuple(b * c for b in x.biases))
+            return x.but(scale=x.scale * c, biases=tuple(_shared(("scaled", c), (b,), lambda b=b: b * c)
+                                                           for b in x.biases))
         if _constant_tensor(other) and x.attend is None and not x.biases:
             factor = (1.0 / other) if divide else other
             return x.but(scale=factor if isinstance(x.scale, float) and x.scale == 1.0 else factor * x.scale)
@@ -611,14 +649,16 @@ class _Handwritten(ForwardPatch):
             self.as_written = self.escape  # a forward, not checkpointing's recompute: that must redo what ran
         if self.as_written is not None:
             return self.call_inner(*args, **kwargs)
-        watch = _Watch(self)
-        args, kwargs = watch.wrap((args, kwargs))
         if torch.compiler.is_compiling():
+            watch = _Watch(self)
+            args, kwargs = watch.wrap((args, kwargs))
             out = self.call_inner(*args, **kwargs)
             watch.active = False
             return _plain(out)
+        watch = _Watch(self, fake=any(is_fake(t) for t in _tensors_in(args, kwargs) if isinstance(t, torch.Tensor)))
+        args, kwargs = watch.wrap((args, kwargs))
         try:
-            with ambient(functools.partial(_rewatch, watch)):
+            with ambient(functools.partial(_rewatch, watch)), _FakeWatch(watch) if watch.fake else nullcontext():
                 out = self.call_inner(*args, **kwargs)
         finally:
             watch.active = False
@@ -646,13 +686,25 @@ class _Handwritten(ForwardPatch):
             self.record.set("attention", self.fqn, "skipped", f"hand-written attention kept as written: {self.escape}")
 
 
+class _FakeWatch(TorchFunctionMode):
+    """The watch on fake tensors (see `_Watch.fake`): every op of the forward goes to it."""
+
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return self.watch.handle(func, args, kwargs or {})
+
+
 @contextlib.contextmanager
 def _rewatch(watch: _Watch) -> Iterator[None]:
     """The watch on again while checkpointing recomputes a block inside the watched forward (see `_patch.ambient`):
     the recompute must run the ops the forward ran."""
     watch.active = True
     try:
-        yield
+        with _FakeWatch(watch) if watch.fake else nullcontext():
+            yield
     finally:
         watch.active = False
 

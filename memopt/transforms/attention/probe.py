@@ -137,7 +137,6 @@ def _warn_math(where: str, args: tuple, kwargs: dict) -> None:
         f"sdpa-math-{where}",
         f"scaled_dot_product_attention fell back to the math kernel in {where}, which materialises the "
         f"(batch, heads, seq, seq) attention matrix: {why}",
-        stacklevel=2,
     )
 
 
