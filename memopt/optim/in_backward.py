@@ -12,7 +12,9 @@ What needs every gradient at once cannot run this way, and fails at the point it
 - gradient accumulation: a second backward before `step()`/`zero_grad()` raises (the first backward already
   updated the parameters);
 - global-norm (or value) gradient clipping: `torch.nn.utils.clip_grad_norm_` / `clip_grad_value_` over parameters
-  this optimizer owns raise (their gradients are gone by then; the norm would read 0 and clip nothing).
+  this optimizer owns raise (their gradients are gone by then; the norm would read 0 and clip nothing). Measuring
+  without clipping, ``clip_grad_norm_(params, float("inf"))`` (what transformers' Trainer does to log grad_norm),
+  returns the true 2-norm of the last backward's gradients, summed in the hooks as they were applied.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.state = _state_view(inner)
         self._order = [p for p, _ in inner]
         self._updated: set[int] = set()  # ids of the parameters updated since the last step()/zero_grad()
+        self._norm_sq: Any = None  # sum of the squared gradients of the current backward
         self._handles = []
         for p, opt in inner:
             self.optimizers[p] = opt
@@ -77,10 +80,27 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 "update) after each backward, and get a larger batch from checkpointing instead of accumulation "
                 "(memopt.apply(model, checkpoint=True)), or use memopt.optimizer(..., in_backward=False)"
             )
+        if not self._updated:  # the first gradient of this backward
+            self._norm_sq = None
         self._updated.add(id(p))
+        self._add_to_norm(p.grad)
         opt = self.optimizers[p]
         opt.step()
         p.grad = None  # what this mode is for: the gradient dies with its update
+
+    def _add_to_norm(self, grad: torch.Tensor) -> None:
+        """The gradients' global 2-norm, summed as they go (no sync): what clip_grad_norm_(..., inf) reports."""
+        if type(grad) is not torch.Tensor:  # DTensor shards (FSDP2): a local sum is not the global norm
+            self._norm_sq = float("nan")
+            return
+        sq = grad.detach().float().square().sum()
+        self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global 2-norm of the gradients of the last backward (nan where unknown: none yet, FSDP2 shards)."""
+        if self._norm_sq is None or isinstance(self._norm_sq, float):
+            return torch.tensor(float("nan"))
+        return self._norm_sq.sqrt()
 
     # -- what a training loop calls ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,6 +190,11 @@ def _guarded(fn: Callable, what: str) -> Callable:
     @functools.wraps(fn)
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
         params, owner = _owned(parameters)
+        max_norm = args[0] if args else kwargs.get("max_norm", kwargs.get("clip_value"))
+        norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
+        if owner is not None and what != "clip_grad_value_" and max_norm == float("inf") and float(norm_type) == 2.0:
+            # measuring, not clipping (transformers' Trainer logs grad_norm so): the norm summed during backward
+            return owner.grad_norm()
         if owner is not None:
             raise RuntimeError(
                 f"torch.nn.utils.{what} over parameters that memopt.optimizer(..., in_backward=True) ({owner.name}) "
