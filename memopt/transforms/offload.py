@@ -85,6 +85,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.offloaded = 0
         super().__init__(self._pack, self._unpack)
 
+    def __enter__(self) -> "OffloadActivations":
+        super().__enter__()
+        return self
+
     # -- forward -------------------------------------------------------------------------------------------------
     def _wanted(self, t: torch.Tensor) -> bool:
         if type(t) not in (torch.Tensor, nn.Parameter) or isinstance(t, nn.Parameter):
