@@ -71,6 +71,11 @@ class _Mode(TorchDispatchMode):
         return out
 
 
+def _compiles_its_step(opt: Any) -> bool:
+    """torchao's low-bit optimizers run their update through torch.compile(fullgraph=True)."""
+    return type(opt).__module__.startswith("torchao.")
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -162,6 +167,7 @@ class Tracker:
         self._current = OUTSIDE
         self._phase = "forward"
         self._in_optimizer = 0
+        self._suspended: list = []  # optimizers stepping outside the dispatch mode (compiled steps)
         self._steps = 0
         self._ops = 0
         self._timeline: list[tuple[int, int, str]] = []
@@ -428,10 +434,19 @@ class Tracker:
         self._grads_now()
         self._in_optimizer += 1
         self._phase = "optimizer"
+        if _compiles_its_step(opt) and self._mode is not None and _get_current_dispatch_mode() is self._mode:
+            # torch.compile(fullgraph=True) refuses to run under a Python dispatch mode: step outside ours. Its
+            # state is counted after the step; the fused kernel's own temporaries are not seen.
+            self._mode.__exit__(None, None, None)
+            self._suspended.append(opt)
 
     def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._suspended and self._suspended[-1] is opt:
+            self._suspended.pop()
+            self._mode.__enter__()
         self._in_optimizer -= 1
         self._mark_optimizer(opt)
+        self._record()
         if not self._in_optimizer:  # a step in backward (optimizer step fused into backward) returns to backward
             self._phase = "backward" if _in_backward() else "forward"
 
