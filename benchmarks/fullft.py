@@ -76,7 +76,7 @@ def _memopt_row(name: str, lr: float):
     return build
 
 
-def rows_for(base, args) -> dict:
+def rows_for(base, args) -> dict:  # noqa: ARG001
     rows = {
         "plain AdamW": lambda m: (m, torch.optim.AdamW(m.parameters(), lr=args.lr), None),
         "Trainer GC + adamw_bnb_8bit": _trainer_row(base, "adamw_bnb_8bit", args.lr),
@@ -84,7 +84,7 @@ def rows_for(base, args) -> dict:
         "memopt ckpt + chunked + in-backward AdamW": _memopt_row("adamw", args.lr),
         "memopt ckpt + chunked + in-backward 8-bit AdamW": _memopt_row("adamw8bit", args.lr),
     }
-    if memopt.optim.OPTIMIZERS["adamw4bit"].available():
+    if memopt.optim.OPTIMIZERS["adamw4bit"].available() and not args.no_4bit:
         rows["memopt ckpt + chunked + in-backward 4-bit AdamW"] = _memopt_row("adamw4bit", args.lr)
     return rows
 
@@ -178,9 +178,12 @@ def int8_section(args) -> list[dict]:
             for module in model.modules():
                 uninstall(module, _Int8NoInput)
         inputs: dict[int, int] = {}
-        hooks = [m.register_forward_hook(lambda m, a, o: inputs.__setitem__(a[0].untyped_storage()._cdata,
-                                                                            a[0].untyped_storage().nbytes()))
-                 for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+
+        def note(m, a, o):  # the forward's calls (checkpointing's recompute in backward calls them again)
+            if torch._C._current_graph_task_id() == -1:
+                inputs[a[0].untyped_storage()._cdata] = a[0].untyped_storage().nbytes()
+
+        hooks = [m.register_forward_hook(note) for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
         opt = memopt.optimizer(model, "adamw", lr=1e-4)
         model(**batch).loss.backward()
         opt.step()
@@ -323,6 +326,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--int8", action="store_true", help="only the 8-bit section")
+    parser.add_argument("--no-4bit", action="store_true", help="leave out the torchao 4-bit row (it compiles its "
+                                                                 "update once per parameter shape)")
     parser.add_argument("--cuda-proof", action="store_true", help="only the CUDA-only rows (skips without CUDA)")
     parser.add_argument("--no-7b", action="store_true", help="with --cuda-proof: leave out the 7B run")
     args = parser.parse_args(argv)

@@ -333,3 +333,36 @@ def test_cpu_offloaded_state_on_cuda():
     assert all(t.device.type == "cpu" for o in opt.optim_dict.values() for s in o.state.values()
                for t in s.values() if isinstance(t, torch.Tensor))
     assert losses[1] < losses[0] + 1
+
+
+def _script(*args: str, cwd=None) -> str:
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_example_full_fine_tune_with_the_step_in_backward(tmp_path):
+    import json
+
+    out = _script("examples/finetune_causal_lm.py", "--max-files", "40", "--seq-len", "32", "--eval-batches", "2",
+                  "--steps", "3", "--optimizer", "adamw8bit", "--in-backward", "--cache-dir", str(tmp_path / "cache"),
+                  "--out", str(tmp_path))
+    assert "adamw8bit in backward" in out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["losses"][-1] < run["losses"][0], run["losses"]
+    assert run["peak_bytes"] < 0.9 * run["plain_peak_bytes"], run
+
+
+def test_fullft_benchmark_runs_in_a_fast_mode():
+    out = _script("benchmarks/fullft.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seq", "32",
+                  "--batch", "2", "--steps", "3", "--clock", "cpu", "--precision", "fp32", "--no-4bit")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and ("MiB" in line or "KiB" in line)]
+    assert any("plain AdamW" in r for r in rows) and any("Trainer GC + adafactor" in r for r in rows)
+    assert any("in-backward 8-bit AdamW" in r for r in rows)
+    assert "SKIP cuda-proof: no CUDA device" in _script("benchmarks/fullft.py", "--cuda-proof") or \
+        torch.cuda.is_available()
