@@ -93,7 +93,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if type(grad) is not torch.Tensor:  # DTensor shards (FSDP2): a local sum is not the global norm
             self._norm_sq = float("nan")
             return
-        sq = grad.detach().float().square().sum()
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()  # no fp32 copy of a half grad
         self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq
 
     def grad_norm(self) -> torch.Tensor:
