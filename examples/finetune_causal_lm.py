@@ -3,6 +3,7 @@ memory went.
 
     python examples/finetune_causal_lm.py                          # tiny preset, 200 steps: a few minutes on 2 CPU cores
     python examples/finetune_causal_lm.py --quant 4bit --lora 16   # QLoRA: 4-bit base, LoRA adapters, checkpointing
+    python examples/finetune_causal_lm.py --optimizer adamw8bit --in-backward   # full fine-tune, 8-bit step in backward
     python examples/finetune_causal_lm.py --model-config 1b --dtype bfloat16 --batch-size 8 --seq-len 1024  # on a GPU
 
 The model is built from a config (a named preset, see --model-config, or a local transformers config.json) with
@@ -166,8 +167,10 @@ def parser(description: str, quant: bool = True, device: bool = True) -> argpars
     if quant:
         p.add_argument("--quant", choices=("none", "4bit", "nf4", "fp4", "8bit"), default="none",
                        help="weights in 4 or 8 bits (bitsandbytes); needs --lora to train anything")
-        p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
-                       help="memopt.optimizer: torch AdamW, or bitsandbytes' 8-bit state (paged: CUDA only)")
+        p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit", "adamw4bit", "adafactor"),
+                       default="adamw", help="memopt.optimizer: torch AdamW (8 bytes of state per parameter), "
+                       "bitsandbytes' 8-bit state (~2; paged: CUDA only), torchao's 4-bit (~1.07; memopt[optim]), "
+                       "torch Adafactor (~0.03)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -201,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="runs/finetune_causal_lm", help="where report.json, run.json and memory.png go")
     p.add_argument("--loss", choices=("none", "chunked"), default="none",
                    help="chunked: the output head and cross-entropy chunk by chunk, the logits never whole")
+    p.add_argument("--in-backward", action="store_true",
+                   help="the optimizer step fused into backward: each gradient is applied and freed as soon as it is "
+                        "complete (no gradient clipping then: no global norm exists)")
     args = p.parse_args(argv)
     check_args(p, args)
 
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memopt.apply(model, checkpoint=args.checkpoint, attention=None if args.attention == "none" else "sdpa",
                      quant=None if args.quant == "none" else args.quant, lora=args.lora or None,
                      loss=None if args.loss == "none" else args.loss)
-        optimizer = memopt.optimizer(model, args.optimizer, lr=args.lr)
+        optimizer = memopt.optimizer(model, args.optimizer, lr=args.lr, in_backward=args.in_backward)
     except (ValueError, TypeError, ImportError, NotImplementedError) as exc:
         p.error(str(exc))
     scheduler = cosine_schedule(optimizer, args.steps)
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bar = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True, mininterval=1.0)
         for step in bar:
             ids = random_batch(corpus.train, args.batch_size, args.seq_len, g).to(args.device)
-            losses.append(train_step(model, optimizer, ids, scheduler, clip=1.0).item())
+            losses.append(train_step(model, optimizer, ids, scheduler, clip=None if args.in_backward else 1.0).item())
             if step % 10 == 0 or step == args.steps - 1:  # a report walks every layer: not every step
                 peak = tracker.report().peak_bytes
                 bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}",
@@ -304,7 +310,7 @@ def describe(args: argparse.Namespace) -> str:
                                             f"LoRA r{args.lora}" if args.lora else None) if x))
     if getattr(args, "loss", "none") != "none":
         parts.append(f"{args.loss} loss")
-    parts.append(getattr(args, "optimizer", "adamw"))
+    parts.append(getattr(args, "optimizer", "adamw") + (" in backward" if getattr(args, "in_backward", False) else ""))
     return ", ".join(parts)
 
 

@@ -10,7 +10,7 @@
 """
 
 from .api import applied, apply, remove
-from .config import AttentionConfig, CheckpointConfig, LoraSettings, LossConfig, QuantConfig
+from .config import AttentionConfig, CheckpointConfig, LoraSettings, LossConfig, OffloadConfig, QuantConfig
 from .estimation import Estimate, Plan, estimate, plan
 from .optim import optimizer
 from .tracker import LayerMemory, MemoryReport, compare, track
@@ -20,6 +20,6 @@ from .transforms.loss import chunked_cross_entropy, register_loss
 __all__ = [
     "apply", "applied", "remove", "optimizer", "register_attention", "register_loss", "chunked_cross_entropy",
     "track", "compare", "estimate", "plan", "Estimate", "Plan",
-    "AttentionConfig", "CheckpointConfig", "LoraSettings", "LossConfig", "QuantConfig", "MemoryReport", "LayerMemory",
+    "AttentionConfig", "CheckpointConfig", "LoraSettings", "LossConfig", "OffloadConfig", "QuantConfig", "MemoryReport", "LayerMemory",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,14 @@
 """`apply`, `applied`, `remove`: normalise the arguments to configs, check them all, then run the transforms in order.
 
 The fixed order (lower first) and why:
-    quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40)
+    quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40) -> offload (50)
 Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
 blocks whose identity does not change; the chunked loss patches the forward of the module that takes the labels
 (the model, outside the blocks) and finds the output head after quantization and LoRA have had their say on it (a
 head that either would change in the same call is refused when the plans are checked, before anything changes);
-checkpointing goes last because it only wraps the blocks' `forward` and must see their final contents. Separate
+checkpointing comes after them because it only wraps the blocks' `forward` and must see their final contents;
+activation offloading wraps the whole model's forward, outside everything, so it sees every tensor saved outside the
+checkpointed regions (the chunked loss's included). Separate
 `apply` calls give the same model in any order, except that quantization must come before (or with) LoRA:
 quantizing after LoRA is refused, since it would quantize the adapters; and a head quantized or given adapters
 after `loss="chunked"` makes the next training forward raise.
@@ -23,7 +25,8 @@ from . import transforms as _transforms  # noqa: F401  (registers the transforms
 from ._modules import uncompiled
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import attention_config, checkpoint_config, lora_config, loss_config, quant_config, with_blocks
+from .config import (attention_config, checkpoint_config, lora_config, loss_config, offload_config, quant_config,
+                     with_blocks)
 
 
 def apply(
@@ -35,6 +38,7 @@ def apply(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    offload: Any = None,
 ) -> nn.Module:
     """Make `model` train in less memory. Changes it in place and returns the same object.
 
@@ -67,6 +71,10 @@ def apply(
             `memopt.LossConfig` (or `memopt.register_loss`), or call `memopt.chunked_cross_entropy` themselves.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
+        offload: ``True`` (or a `memopt.OffloadConfig`): in training forwards on CUDA, what autograd saves for
+            backward outside checkpointed regions (with ``checkpoint=``: the blocks' inputs) waits in pinned host
+            memory, copied on side streams that overlap compute. GPU memory loses those activations; each costs a
+            copy each way. On a CPU-only machine it does nothing and warns once.
 
     Returns:
         `model`, changed in place. `memopt.applied(model)` says what was done to which layer. A model already
@@ -81,12 +89,13 @@ def apply(
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
     target = uncompiled(model)
-    _apply(target, checkpoint=checkpoint, attention=attention, quant=quant, lora=lora, loss=loss, blocks=blocks)
+    _apply(target, checkpoint=checkpoint, attention=attention, quant=quant, lora=lora, loss=loss, blocks=blocks,
+           offload=offload)
     return model
 
 
 def _apply(model: nn.Module, *, checkpoint: Any, attention: Any, quant: Any, lora: Any, loss: Any,
-           blocks: Any) -> None:
+           blocks: Any, offload: Any) -> None:
     ckpt = checkpoint_config(checkpoint)
     if ckpt is None and blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
@@ -98,6 +107,7 @@ def _apply(model: nn.Module, *, checkpoint: Any, attention: Any, quant: Any, lor
             attention_config(attention),
             loss_config(loss),
             None if ckpt is None else with_blocks(ckpt, blocks),
+            offload_config(offload),
         )
         if c is not None
     ]

@@ -390,3 +390,53 @@ def with_blocks(config: CheckpointConfig, blocks: Any) -> CheckpointConfig:
             "blocks= was given twice, to apply() and in CheckpointConfig(blocks=...); give it in one place"
         )
     return dataclasses.replace(config, blocks=blocks)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Activation offloading (`offload=True` is a shorthand for `OffloadConfig()`): in a training forward on CUDA,
+    every tensor autograd saves for backward outside checkpointed regions goes to pinned host memory, copied on a
+    side stream while compute goes on, and comes back, prefetched, when backward needs it (torchtune's
+    ``OffloadActivations`` design). With ``checkpoint=`` that is the checkpointed blocks' inputs (what checkpointing
+    keeps) plus what runs outside the blocks (embeddings, final norm, head, loss); without it, every activation.
+
+    Memory: the offloaded activations leave the GPU (at most ``max_fwd_stash`` of them wait there for their copy to
+    finish, and ``prefetch`` come back early in backward); they take as much pinned host memory. Time: a
+    device-to-host copy of each in forward and a host-to-device copy in backward (PCIe/NVLink bandwidth), hidden
+    behind compute when the streams overlap; with ``use_streams=False`` the copies block.
+
+    Args:
+        min_bytes: tensors smaller than this stay on the device (copies of small tensors cost more than they save).
+        pin_memory: host copies in page-locked memory (required for copies that overlap compute).
+        use_streams: copy on side streams (device-to-host in forward, host-to-device in backward) instead of the
+            compute stream.
+        max_fwd_stash: in forward, at most this many offloaded tensors wait on the device for their copy to finish
+            before the forward waits for the oldest one.
+        prefetch: in backward, when one offloaded tensor is needed, bring back this many of the ones backward will
+            need next.
+    """
+
+    min_bytes: int = 1024
+    pin_memory: bool = True
+    use_streams: bool = True
+    max_fwd_stash: int = 5
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("min_bytes", "max_fwd_stash", "prefetch"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"OffloadConfig({key}={value!r}) must be a non-negative int")
+        for key in ("pin_memory", "use_streams"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"OffloadConfig({key}={getattr(self, key)!r}) must be True or False")
+
+    @property
+    def name(self) -> str:
+        return "activations->host" + ("" if self.use_streams else ",no-streams")
+
+
+def offload_config(value: Any) -> OffloadConfig | None:
+    """Normalise the ``offload=`` argument of `memopt.apply`."""
+    return _normalise("offload", value, OffloadConfig, lambda v: OffloadConfig() if v is True else None,
+                      "True, False, None or memopt.OffloadConfig(...)")

@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 from .. import _observe
 from .._log import warn_once
 from .._modules import compiled_parts
+from ..optim.in_backward import owner_of
 from ..transforms.quant import stored_tensors
 from .report import CATEGORIES, OUTSIDE, LayerMemory, MemoryReport, Timeline
 
@@ -70,6 +71,11 @@ class _Mode(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.tracker._after_op(out, args, kwargs)
         return out
+
+
+def _compiles_its_step(opt: Any) -> bool:
+    """torchao's low-bit optimizers run their update through torch.compile(fullgraph=True)."""
+    return type(opt).__module__.startswith("torchao.")
 
 
 def _in_backward() -> bool:
@@ -140,6 +146,9 @@ class Tracker:
             raise ValueError(f"round_to={round_to!r} must be a positive int number of bytes (512 counts as CUDA does)")
         self._round = round_to or (_CUDA_BLOCK if self._cuda else 1)
         self._optimizers: list[Any] = optimizers
+        # an in-backward optimizer steps one optimizer per parameter: those are known through it
+        self._known_optimizers = weakref.WeakSet(
+            o for opt in optimizers for o in (opt, *getattr(opt, "optimizers", {}).values()))
         self._names: dict[nn.Module, str] = {}
         self._types: dict[str, str] = {}
         self._depths: dict[str, int] = {}
@@ -158,7 +167,8 @@ class Tracker:
         self._layer_peak: dict[str, int] = {}
         self._act_step: dict[str, int] = {}  # bytes saved in the current step, per layer
         self._act_max: dict[str, int] = {}
-        self._grad_max: dict[str, int] = {}
+        self._grad_max: dict[str, int] = {}  # per layer, at the moment the gradients' total was largest
+        self._grad_peak = 0
         self._fwd_s: dict[str, float] = {}
         self._bwd_s: dict[str, float] = {}
         self._calls: dict[str, int] = {}
@@ -168,6 +178,7 @@ class Tracker:
         self._current = OUTSIDE
         self._phase = "forward"
         self._in_optimizer = 0
+        self._suspended: list = []  # optimizers stepping outside the dispatch mode (compiled steps)
         self._steps = 0
         self._ops = 0
         self._timeline = Timeline(_TIMELINE_MAX)
@@ -389,8 +400,13 @@ class Tracker:
             self._mark(p.grad, "grads")
 
     def _grads_now(self) -> None:
+        """Gradients as they are now. A layer's gradient bytes are those of the moment when the model's gradients
+        together were largest: all of them just before a plain optimizer step; with the step in backward
+        (`memopt.optimizer(..., in_backward=True)`, each parameter's gradient freed once applied), the few alive at
+        once."""
         counted: set[int] = set()  # a tied weight's gradient belongs to the first module that owns it
         storages: set[int] = set()  # gradients sharing one storage (FSDP2's reduce-scatter output) count once
+        now: dict[str, int] = {}
         for name, tensors in self._param_storages.items():
             total = 0
             for t in tensors:
@@ -402,24 +418,44 @@ class Tracker:
                         if st._cdata not in storages:
                             storages.add(st._cdata)
                             total += self._size(st)
-            if total > self._grad_max.get(name, 0):
-                self._grad_max[name] = total
+            if total:
+                now[name] = total
+        total = sum(now.values())
+        if total and total >= self._grad_peak:
+            self._grad_peak = total
+            self._grad_max = now
 
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
-        if not any(opt is o for o in self._optimizers):
+        if opt not in self._known_optimizers:
+            self._known_optimizers.add(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            owner = owner_of(params[0]) if params else None  # one of an in-backward optimizer's: count that one
+            if owner is not None:
+                fresh = owner not in self._known_optimizers
+                self._known_optimizers.update((owner, *owner.optimizers.values()))
+                params, opt = (params if fresh else []), owner
             mine = {id(p) for p in self.model.parameters()}
-            if any(id(p) in mine for g in opt.param_groups for p in g["params"]):
+            if any(id(p) in mine for p in params):
                 self._optimizers.append(opt)  # found at its first step: its earlier state was not counted
                 self._mark_optimizer(opt)
         self._grads_now()
         self._in_optimizer += 1
         self._phase = "optimizer"
+        if _compiles_its_step(opt) and self._mode is not None and _get_current_dispatch_mode() is self._mode:
+            # torch.compile(fullgraph=True) refuses to run under a Python dispatch mode: step outside ours. Its
+            # state is counted after the step; the fused kernel's own temporaries are not seen.
+            self._mode.__exit__(None, None, None)
+            self._suspended.append(opt)
 
     def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._suspended and self._suspended[-1] is opt:
+            self._suspended.pop()
+            self._mode.__enter__()
         self._in_optimizer -= 1
         self._mark_optimizer(opt)
-        if not self._in_optimizer:
-            self._phase = "forward"
+        self._record()
+        if not self._in_optimizer:  # a step in backward (optimizer step fused into backward) returns to backward
+            self._phase = "backward" if _in_backward() else "forward"
 
     # -- where we are ------------------------------------------------------------------------------------------
     def _enter(self, name: str, timer: str | None) -> None:

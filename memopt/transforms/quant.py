@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._log import logger, warn_once
+from .._patch import ForwardPatch, install
 from .._modules import get_submodule, head_names, mha_projections, shared_weights, transformers_class
 from .._record import Entry, record_of
 from .._registry import register_transform
@@ -243,6 +244,7 @@ def _quantized(target: _Target, config: QuantConfig) -> nn.Module:
         )
         new.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
         new.weight = new.weight.to(device)  # quantizes: int8 rows + per-row scale (SCB), no float copy kept
+        keep_no_input(new)
     if has_bias:
         new.bias = nn.Parameter(old.bias.detach().to(device), requires_grad=old.bias.requires_grad)
     if config.bits == 4:
@@ -253,6 +255,57 @@ def _quantized(target: _Target, config: QuantConfig) -> nn.Module:
         new.support_avx512bf16_for_cpu = False
     new.train(old.training)
     return new
+
+
+# -- 8-bit layers keep nothing for backward but their frozen weight -------------------------------------------------
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """``y = x @ W.T + b`` for a frozen LLM.int8 weight, with bitsandbytes' own forward and input gradient.
+
+    bitsandbytes' MatMul8bitLt (CUDA) and MatMul8bitFp (CPU) keep their input ``x`` as a plain ``ctx`` attribute
+    for the weight gradient, even when the weight is frozen, where backward never reads it. Being an attribute,
+    not a saved tensor, it escapes activation checkpointing: every 8-bit layer's input stayed alive from forward
+    to backward (``batch x seq x in_features`` bytes per layer). Here nothing is kept but the layer: the input
+    gradient is ``grad @ dequantize(CB, SCB)``, the formula bitsandbytes' backward uses, so results and gradients
+    are bitsandbytes' own (tested bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, patch: "_Int8NoInput") -> torch.Tensor:
+        ctx.state = patch.module.state  # holds the int8 weight (CB) and its row scales (SCB): parameters, not activations
+        ctx.dtype_x, ctx.shape_x = x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return patch.call_inner(x)  # bitsandbytes' forward; under Function.forward no graph (and no ctx) is kept
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            state = ctx.state
+            w = state.CB.to(ctx.dtype_x, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+            grad_x = torch.matmul(grad.to(ctx.dtype_x), w).view(ctx.shape_x)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+class _Int8NoInput(ForwardPatch):
+    """The forward of a frozen `bnb.nn.Linear8bitLt` that memopt quantized: through `_FrozenInt8Matmul` when
+    autograd records it, bitsandbytes' own forward otherwise (eval, no_grad, a weight that trains)."""
+
+    rank = 5  # innermost: attention and checkpointing patches live on other modules, but stay outside anyway
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        module = self.module
+        bias = module.bias
+        frozen = not module.weight.requires_grad and not getattr(module.state, "has_fp16_weights", False)
+        wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+        if args or kwargs or not (frozen and torch.is_grad_enabled() and wants_grad):
+            return self.call_inner(x, *args, **kwargs)
+        return _FrozenInt8Matmul.apply(x, bias, self)
+
+
+def keep_no_input(module: nn.Module) -> None:
+    """Make a frozen 8-bit layer keep nothing for backward but its weight (see `_FrozenInt8Matmul`)."""
+    install(module, _Int8NoInput)
 
 
 def _load_4bit_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
