@@ -77,22 +77,21 @@ def _fake_like_meta(model: nn.Module) -> None:
 
 # -- stand-ins for bitsandbytes -------------------------------------------------------------------------------------
 class _DequantMatmul(torch.autograd.Function):
-    """bitsandbytes' matmul memory pattern: dequantize to a temporary, matmul, dequantize again in backward. For
-    backward MatMul4Bit keeps only the packed weight; the 8-bit ones (MatMul8bitLt on CUDA, MatMul8bitFp on CPU)
-    also keep their input, as a plain attribute of ctx: activation checkpointing cannot drop it."""
+    """The memory pattern of the quantized matmuls memopt runs: dequantize to a temporary, matmul, dequantize again
+    in backward, keeping only the packed weight (MatMul4Bit; and memopt's 8-bit layers, which do not keep their input
+    as bitsandbytes' MatMul8bitLt/MatMul8bitFp do: the weight is frozen, its gradient never computed)."""
 
     @staticmethod
-    def forward(ctx, x, packed, out_features, in_features, keep_input):
+    def forward(ctx, x, packed, out_features, in_features):
         w = torch.empty(out_features, in_features, dtype=x.dtype)  # (out, in) dequantized, freed after the matmul
         ctx.save_for_backward(packed)
-        ctx.x = x if keep_input else None
         ctx.shape = (out_features, in_features)
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad):
         w = torch.empty(*ctx.shape, dtype=grad.dtype)
-        return grad @ w, None, None, None, None
+        return grad @ w, None, None, None
 
 
 class _FakeQuantLinear(nn.Linear):
@@ -116,7 +115,7 @@ class _FakeQuantLinear(nn.Linear):
         self.bias = None if old.bias is None else nn.Parameter(old.bias.detach(), requires_grad=old.bias.requires_grad)
 
     def forward(self, x):
-        y = _DequantMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits == 8)
+        y = _DequantMatmul.apply(x, self.weight, self.out_features, self.in_features)
         return y if self.bias is None else y + self.bias
 
 
