@@ -43,6 +43,12 @@ def test_compile_benchmark_runs():
     assert out.count("compiled |") == 3 and out.count("eager |") == 3 and "target <= 1.25" in out
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on CUDA the proof runs for real (minutes)")
+def test_cuda_proof_script_skips_cleanly_without_cuda():
+    out = _run("benchmarks/cuda_check.py")
+    assert out.startswith("SKIP benchmarks/cuda_check.py: no CUDA device") and out.count("\n") == 1
+
+
 def test_attention_benchmark_runs():
     out = _run("benchmarks/attention.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--seqs", "64", "128",
                "--steps", "1")
