@@ -189,7 +189,7 @@ class _Scores(torch.Tensor):
         if seen is None:
             seen = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])  # (..., T, S)
         if watch.fake:  # fake tensors (memopt.estimate) cannot be re-classed: a wrapper with the metadata alone
-            s = torch.Tensor._make_wrapper_subclass(_Scores, seen, dtype=dtype or q.dtype, device=q.device)
+            s = torch.Tensor._make_wrapper_subclass(_FakeScores, seen, dtype=dtype or q.dtype, device=q.device)
         else:
             with torch._C.DisableTorchFunctionSubclass():
                 stand_in = q.new_empty((), dtype=dtype or q.dtype).expand(seen)  # no memory: one element, broadcast
@@ -216,13 +216,6 @@ class _Scores(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         return _dispatch(func, args, kwargs or {})
-
-    @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        # The fake-tensor wrapper only: an op below the torch-function layer (an observer's dispatch mode) gets the
-        # scores computed for real, without autograd (there is none down here).
-        args, kwargs = tree_map_only(_Scores, lambda t: t.materialise().detach(), (args, kwargs or {}))
-        return func(*args, **kwargs)
 
     def materialise(self) -> torch.Tensor:
         """The scores (or probabilities) computed for real, with autograd, as the user's code would have."""
@@ -279,6 +272,17 @@ def _tensors_in(args: tuple, kwargs: dict) -> list:
         else:
             found.append(x)
     return found
+
+
+class _FakeScores(_Scores):
+    """`_Scores` on fake tensors: a wrapper holding the metadata alone (see `_Scores.make`)."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # An op below the torch-function layer (an observer's dispatch mode) gets the scores computed for real,
+        # without autograd (there is none down here).
+        args, kwargs = tree_map_only(_Scores, lambda t: t.materialise().detach(), (args, kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _scores_in(args: tuple, kwargs: dict) -> list[_Scores]:
