@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,43 @@ def test_16_mixed_on_cpu_estimates_the_grad_scaler_step():
     assert abs(est.peak_bytes - measured.peak_bytes) <= 0.05 * measured.peak_bytes, (est.peak_bytes,
                                                                                      measured.peak_bytes)
     assert est.report.total("autocast_bytes") == measured.total("autocast_bytes") > 0
+
+
+# -- the examples take --precision ------------------------------------------------------------------------------------
+FAST = ["--max-files", "40", "--seq-len", "32", "--eval-batches", "2"]
+
+
+def _run_example(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _example(*args: str) -> str:
+    out = _run_example(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_finetune_causal_lm_trains_in_bf16_mixed(tmp_path):
+    out = _example("examples/finetune_causal_lm.py", *FAST, "--steps", "3", "--precision", "bf16-mixed",
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path))
+    assert "precision: 'bf16-mixed' (float32 weights" in out and "at the peak, autocast:" in out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["technique"].endswith(", adamw, bf16-mixed") and run["args"]["dtype"] == "float32"
+    assert run["losses"][-1] < run["losses"][0]
+    report = MemoryReport.from_dict(json.loads((tmp_path / "report.json").read_text()))
+    assert report.total("autocast_bytes") > 0  # the bf16 weight copies, in their own column
+    bad = _run_example("examples/finetune_causal_lm.py", "--precision", "bf16-mixed", "--dtype", "bfloat16")
+    assert bad.returncode == 2 and "--dtype bfloat16 conflicts with --precision 'bf16-mixed'" in bad.stderr
+
+
+def test_hf_trainer_maps_precision_to_training_arguments(tmp_path):
+    out = _example("examples/hf_trainer.py", *FAST, "--steps", "2", "--logging-steps", "2", "--precision",
+                   "bf16-mixed", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path))
+    assert "precision: bf16-mixed (TrainingArguments {'bf16': True}, parameters float32)" in out
+    assert (tmp_path / "memory_report.json").stat().st_size > 0
