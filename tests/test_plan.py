@@ -16,7 +16,6 @@ import torch
 import memopt
 from memopt.estimation import OPTIMIZERS, SEARCH_SPACE, OptimizerSpec, Option, register_option
 from memopt.estimation.estimator import finish
-from memopt.estimation.optimizers import _blockwise_8bit_state
 from memopt.estimation.profile import extrapolate, make_job, profile, with_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent

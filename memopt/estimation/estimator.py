@@ -277,7 +277,7 @@ def estimate(
     spec = optimizer_spec(optimizer)
     job = make_job(model, batch_size=batch_size, seq_len=seq_len, inputs=inputs, loss_fn=loss_fn,
                    precision=precision, dtype=dtype, device=device, world_size=world_size, mode=mode)
-    if spec.cuda_only and device != "cuda":
+    if spec.cuda_only and device != "cuda" and mode == "train":
         raise ValueError(f"optimizer={optimizer!r} needs CUDA (its state lives in CUDA unified memory); with "
                          "device='cpu' use 'adamw8bit'")
     quant_config(quant)  # a bad value raises before anything is built

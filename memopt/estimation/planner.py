@@ -198,6 +198,7 @@ class Plan:
     seconds: float = 0.0
     headroom: str = ""
     notes: list[str] = field(default_factory=list)
+    space: dict[str, list[str]] = field(default_factory=dict)  # dimension -> the option names searched
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -212,12 +213,12 @@ class Plan:
         lines = [f"plan for a budget of {format_bytes(self.budget_bytes)}: a peak of at most "
                  f"{format_bytes(self.usable_bytes)} (headroom {format_bytes(self.headroom_bytes)}: {self.headroom})",
                  f"  assumed: {est.mode}, batch {est.batch_size} x seq {est.seq_len} on {est.device}"
-                 + (f", world size {est.world_size}" if est.world_size > 1 else "")
-                 + f"; precision and optimizer as listed per plan ({', '.join(sorted({c.precision for c in self.tried}))})",
+                 + (f", world size {est.world_size}" if est.world_size > 1 else "") + "; searched: "
+                 + "; ".join(f"{dim} {' | '.join(names)}" for dim, names in self.space.items()),
                  "  not counted in the peaks: " + "; ".join(est.not_counted),
-                 f"searched {self.searched} plans in this order (what trains, precision, step time); these came "
-                 "first:" if len(self.tried) > 1 else f"searched {self.searched} plans; the first one:"]
-        lines += _grouped(self.tried)
+                 f"{self.searched} plans, in order of what trains, precision, step time; these came first:"
+                 if len(self.tried) > 1 else f"{self.searched} plans; the first one:"]
+        lines += _grouped(self.tried, self.space)
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         call = (f"memopt.apply(model{', ' + opts if opts else ''}); memopt.optimizer(model, {self.optimizer!r}); "
                 f"precision {self.precision!r}")
@@ -237,7 +238,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _grouped(tried: list[Candidate]) -> list[str]:
+def _grouped(tried: list[Candidate], space: dict[str, list[str]] | None = None) -> list[str]:
     """One line per plan; plans ruled out by the same bound (their parameters, gradients and optimizer state alone,
     or a shallow fake step) that differ only in checkpointing and loss folded into one line, at the first's place."""
     lines: list[Any] = []
@@ -262,7 +263,11 @@ def _grouped(tried: list[Candidate]) -> list[str]:
         c = group[0]
         label = c.name
         if len(group) > 1:
-            varying = [" / ".join(dict.fromkeys(g.parts.get(dim, "") for g in group)) for dim in _FOLDED]
+            varying = []
+            for dim in _FOLDED:
+                names = list(dict.fromkeys(g.parts.get(dim, "") for g in group))
+                every = space is not None and len(names) > 1 and set(names) == set(space.get(dim, ()))
+                varying.append(f"any {dim}" if every else " / ".join(names))
             label = ", ".join([c.precision] + [v for k, v in line[0] if k != "precision"]) + \
                 f" ({len(group)} plans: {'; '.join(v for v in varying if v)})"
         out.append(f"  over  >={format_bytes(c.bound_bytes):>11}  {min(g.slowdown for g in group):.2f}x  {label}: "
@@ -347,7 +352,8 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
     sources = [f"{o.name} {o.slowdown:.2f}x ({o.source})" for o in best.chosen if o.slowdown != 1.0]
     return Plan(fits, budget_bytes, head, usable, best.candidate.name, best.apply_options, best.candidate.optimizer,
                 best.candidate.precision, est, best.candidate.slowdown, "; ".join(sources) or "baseline", needed,
-                not best.candidate.trains_all, tried, len(space), time.perf_counter() - started, head_text, notes)
+                not best.candidate.trains_all, tried, len(space), time.perf_counter() - started, head_text, notes,
+                search.searched)
 
 
 @dataclass
@@ -372,6 +378,7 @@ class _Search:
                             mode="train")
         self.fit_depth = True
         self.notes: list[str] = []
+        self.searched: dict[str, list[str]] = {}
         self._profiles: dict[tuple, Any] = {}
         self._low: dict[tuple, Any] = {}  # the 3-layer (3N) profiles, for the partial bound
         self._params: dict[tuple, tuple[int, list]] = {}
@@ -405,6 +412,7 @@ class _Search:
             if not options:
                 raise ValueError(f"plan: nothing left to search in the {d.name!r} dimension")
             per_dim.append(options)
+            self.searched[d.name] = [o.name for o in options]
         if skipped:
             self.notes.append("not searched: " + ", ".join(skipped))
         defaults = [d.all_options()[0] for d in dims]
@@ -561,8 +569,8 @@ class _Search:
         bound = max(low.peak + more * low.block_param_bytes,
                     low.at_step + more * (low.block_param_bytes + block_grads),
                     params + kept) + state
-        return bound, (f"a fake step of {3 * every} layers, with the other {more} layers' parameters and what each "
-                       "layer keeps for backward (gradients at the optimizer step)")
+        return bound, (f"a {3 * every}-layer fake step + the other {more} layers' parameters and what each keeps for "
+                       "backward")
 
     def _fits_depth(self, every: int) -> bool:
         return self.fit_depth and self._layers is not None and self._layers > 4 * every and \
