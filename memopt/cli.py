@@ -19,8 +19,8 @@ options that fit a budget.
 
 Precision (`memopt.precision`): ``--precision`` names it (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true);
 ``--dtype`` alone names the parameters' dtype, as its "-true" precision; both must agree. Neither: "bf16-mixed" for
-estimate and plan (the recipe most fine-tunes run: float32 weights and AdamW state, bf16 autocast), "32-true" for
-report (a CPU step). Bad input exits with status 1 and one line on stderr, ``memopt: ...`` (set
+estimate and plan (the recipe most fine-tunes run: float32 weights and AdamW state, bf16 autocast; "bf16-true" for
+``estimate --mode generate``), "32-true" for report (a CPU step). Bad input exits with status 1 and one line on stderr, ``memopt: ...`` (set
 ``MEMOPT_TRACEBACK=1`` for the traceback).
 """
 
@@ -181,7 +181,8 @@ def _fail(exc: BaseException) -> SystemExit:
 def _estimate(args: argparse.Namespace) -> int:
     import memopt
 
-    precision = _precision(args, "bf16-mixed")
+    # training: float32 master weights with bf16 autocast, the usual recipe; generation has no master weights
+    precision = _precision(args, "bf16-true" if args.mode == "generate" else "bf16-mixed")
     est = memopt.estimate(
         args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
         attention=_none(args.attention), quant=_none(args.quant), lora=args.lora or None, loss=_none(args.loss),

@@ -327,6 +327,10 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
         chooses them; ``allow_lora=False`` keeps full fine-tunes).
     """
     started = time.perf_counter()
+    if "mode" in kwargs and kwargs["mode"] != "train":
+        raise ValueError(f"plan(mode={kwargs['mode']!r}): plan searches training steps; for generation use "
+                         "memopt.estimate(mode='generate') and Estimate.max_concurrent_sequences(budget)")
+    kwargs.pop("mode", None)
     for key in _RESERVED:
         if key in kwargs:
             raise ValueError(f"plan(..., {key}=...) is chosen by the plan; pass allow_lora=False to keep every weight "
