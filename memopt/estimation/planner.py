@@ -55,6 +55,8 @@ class Option:
             that trains all of them.
         needs_cuda: only searched with ``device="cuda"``.
         every: the checkpointing period (the depth fit steps over groups of this many layers).
+        same_step_as: the value of another option of the dimension whose fake step this one shares (offloaded
+            checkpointing runs as full checkpointing on fake tensors; the offloaded inputs are taken off after).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Option:
     needs_cuda: bool = False
     every: int = 1
     aliases: tuple = ()
+    same_step_as: Any = None
 
     def matches(self, value: Any) -> bool:
         return any(value is v or (type(value) is type(v) and value == v) for v in (self.value, *self.aliases))
@@ -121,7 +124,7 @@ SEARCH_SPACE: dict[str, Dimension] = {d.name: d for d in (
         Option("full checkpointing", "full", {"checkpoint": "full"}, 1.21, "measured, benchmarks/checkpoint.py",
                aliases=(True,)),
         Option("full checkpointing with CPU offload", "offload", {"checkpoint": "offload"}, 1.30,
-               "assumed: host copies overlap poorly on small models", needs_cuda=True),
+               "assumed: host copies overlap poorly on small models", needs_cuda=True, same_step_as="full"),
     )),
     Dimension("loss", (
         Option("plain loss", None, {}, aliases=(False, "none")),
@@ -527,8 +530,8 @@ class _Search:
 
     def _family(self, choice: _Choice, params_only: bool) -> tuple:
         dims = [d for d in SEARCH_SPACE.values() if "train" in d.modes]
-        return tuple((d.name, o.value) for d, o in zip(dims, choice.chosen)
-                     if (d.sets_params if params_only else d.fake_step))
+        return tuple((d.name, o.value if params_only or o.same_step_as is None else o.same_step_as)
+                     for d, o in zip(dims, choice.chosen) if (d.sets_params if params_only else d.fake_step))
 
     def _job(self, choice: _Choice):
         job = dataclasses.replace(self.job)
