@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +187,22 @@ print(json.dumps(dict(cpu=cpu, wall=wall, fits=p.fits, options=p.options, optimi
     assert r["options"] == {"quant": "4bit", "lora": 16, "checkpoint": "full", "loss": "chunked"}, r
     assert r["peak"] - r["issue"] < 2**30 and r["issue"] < 9.2 * 2**30  # the issue's plan, with torch AdamW
     assert r["fitted"][-1] == "a full estimate, as the depth fit predicted", r["fitted"]
+
+
+def test_a_depth_fit_the_full_estimate_disagrees_with_is_dropped(monkeypatch):
+    """The plan found is confirmed by a full estimate; if the depth fit was wrong (here: made to under-count by
+    1 MiB), the search runs again on full-depth steps and says so."""
+    import dataclasses
+
+    import memopt.estimation.planner as planner
+
+    real = planner.extrapolate
+    monkeypatch.setattr(planner, "extrapolate",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), peak=real(*a, **k).peak - 2**20))
+    config = _llama(layers=6)
+    kw = dict(batch_size=2, seq_len=32, device="cpu", dtype=torch.float32, headroom=0, allow_lora=False,
+              optimizer="adamw", loss=None)
+    p = memopt.plan(config, "1GiB", **kw)
+    assert any("the depth fit disagreed" in n for n in p.notes)
+    assert p.fits and p.estimate.peak_bytes == memopt.estimate(config, batch_size=2, seq_len=32, device="cpu",
+                                                               dtype=torch.float32).peak_bytes

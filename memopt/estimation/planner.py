@@ -28,11 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
 from .._units import format_bytes, parse_bytes
 from ..precision import PRECISIONS, precision_config, resolve_precision
-from .estimator import Estimate, _is_offload, _plain, assumptions, estimate, finish, not_counted
+from .estimator import Estimate, _is_offload, _plain, estimate, finish
 from .optimizers import OPTIMIZERS, ParamShape, state_bytes
 from .profile import NotAffine, extrapolate, make_job, profile, signature, with_optimizer
 
@@ -674,5 +672,4 @@ class _Search:
         return layers if len(signatures) == 1 else None
 
 
-__all__ = ["SEARCH_SPACE", "Candidate", "Dimension", "Option", "Plan", "plan", "register_option", "not_counted",
-           "assumptions"]
+__all__ = ["SEARCH_SPACE", "Candidate", "Dimension", "Option", "Plan", "plan", "register_option"]
