@@ -4,7 +4,7 @@ memory went.
     python examples/finetune_causal_lm.py                          # tiny preset, 200 steps: a few minutes on 2 CPU cores
     python examples/finetune_causal_lm.py --quant 4bit --lora 16   # QLoRA: 4-bit base, LoRA adapters, checkpointing
     python examples/finetune_causal_lm.py --optimizer adamw8bit --in-backward   # full fine-tune, 8-bit step in backward
-    python examples/finetune_causal_lm.py --model-config 1b --dtype bfloat16 --batch-size 8 --seq-len 1024  # on a GPU
+    python examples/finetune_causal_lm.py --model-config 1b --precision bf16-mixed --batch-size 8 --seq-len 1024  # GPU
 
 The model is built from a config (a named preset, see --model-config, or a local transformers config.json) with
 random weights; the corpus is the standard library's .py files, tokenised with a byte-level BPE trained on them
@@ -15,7 +15,8 @@ techniques, and the whole run is tracked with `memopt.track`. A progress bar sho
     what memopt did to each layer                       (memopt.applied)
     the run's memory, one row per block                 (MemoryReport.table)
     one step of the unmodified model against the run    (memopt.compare: same model, eager attention, no
-                                                         checkpointing, full precision, torch AdamW)
+                                                         checkpointing, no quantization, torch AdamW, the same
+                                                         --precision)
     training loss (first and last 10 steps) and validation loss before and after training
 
 and writes report.json (the run's MemoryReport, `MemoryReport.from_dict` reads it back), run.json (losses,
@@ -41,6 +42,7 @@ from tqdm import tqdm
 import memopt
 from _data import eval_batches, load_corpus, random_batch
 from memopt._units import format_bytes
+from memopt.precision import PRECISIONS, Precision, dtype_name, precision_config, resolve_precision
 
 # Llama-style shapes; vocab comes from the tokenizer. Every Linear's in_features is a multiple of 64, so all of them
 # can be 4-bit (bitsandbytes' CPU kernels quantize whole 64-weight blocks per row).
@@ -69,7 +71,7 @@ def build_model(name: str, vocab_size: int, seq_len: int, dtype: torch.dtype, de
         if not path.exists():
             raise ValueError(f"--model-config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
                              "config.json (or a directory holding one)")
-        config = transformers.AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+        config = transformers.AutoConfig.from_pretrained(str(path))  # a file by its own name, a folder's config.json
         config.use_cache = False
         if config.vocab_size < vocab_size:
             raise ValueError(f"--model-config {name}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
@@ -90,12 +92,24 @@ def block_depth(model: nn.Module) -> int:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
-               scheduler: Any = None, clip: float | None = None) -> torch.Tensor:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+               scheduler: Any = None, clip: float | None = None, precision: Precision | None = None,
+               scaler: Any = None) -> torch.Tensor:
+    """One step: the forward and loss under `precision`'s autocast (bf16/fp16 compute for the "-mixed" ones), the
+    loss scaled by `scaler` ("16-mixed"), gradients unscaled before clipping."""
+    with (precision or PRECISIONS["32-true"]).autocast(ids.device.type):
+        loss = model(input_ids=ids, labels=ids).loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
@@ -103,21 +117,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
+             precision: Precision | None = None) -> float:
     model.eval()
-    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches]
+    with (precision or PRECISIONS["32-true"]).autocast(torch.device(device).type):
+        losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.float().item() for b in batches]
     model.train()
     return statistics.fmean(losses)
 
 
-def plain_step_report(plain: nn.Module, batches: list[torch.Tensor], lr: float) -> memopt.MemoryReport | None:
-    """One tracked training step of the unmodified model (after an untracked warm-up step, so its optimizer state
-    exists as in every step after the first); None if it does not fit on the GPU."""
+def plain_step_report(plain: nn.Module, batches: list[torch.Tensor], lr: float,
+                      precision: Precision | None = None) -> memopt.MemoryReport | None:
+    """One tracked training step of the unmodified model in the same precision (after an untracked warm-up step, so
+    its optimizer state exists as in every step after the first); None if it does not fit on the GPU."""
     optimizer = torch.optim.AdamW(plain.parameters(), lr=lr)
+    device_type = batches[0].device.type
+    scaler = (precision or PRECISIONS["32-true"]).scaler(device_type)
     try:
-        train_step(plain, optimizer, batches[0])
+        train_step(plain, optimizer, batches[0], precision=precision, scaler=scaler)
         with memopt.track(plain, optimizer) as tracker:
-            train_step(plain, optimizer, batches[1])
+            train_step(plain, optimizer, batches[1], precision=precision, scaler=scaler)
     except torch.OutOfMemoryError:
         return None
     return tracker.report()
@@ -175,7 +194,13 @@ def parser(description: str, quant: bool = True, device: bool = True) -> argpars
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3, 1e-3 with --lora)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="32-true (default): float32 throughout; bf16-mixed: float32 weights, gradients and optimizer "
+                        "state, bf16 autocast (what most GPU fine-tunes run); 16-mixed: the same in fp16 with a "
+                        "GradScaler (on CPU: float16 autocast and torch.amp.GradScaler('cpu'), slow without native "
+                        "fp16 arithmetic); bf16-true: everything bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="the parameters' dtype; alone it means its '-true' precision (bfloat16: bf16-true)")
     if device:
         p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +222,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.lr = 1e-3 if args.lora else 3e-3
     if getattr(args, "quant", "none") != "none" and not args.lora:
         p.error(f"--quant {args.quant} freezes the quantized weights; add --lora RANK so that something trains")
+    try:  # --precision and --dtype: one precision (memopt.precision), args.dtype the parameters' dtype
+        precision = resolve_precision(args.precision, args.dtype)[0]
+    except ValueError as exc:
+        p.error(str(exc).replace("precision=", "--precision ").replace("dtype=", "--dtype "))
+    args.precision, args.dtype = precision.name, dtype_name(precision.param_dtype)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "complete (no gradient clipping then: no global norm exists)")
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.in_backward and args.precision == "16-mixed":
+        p.error("--in-backward with --precision 16-mixed: the GradScaler unscales every gradient before the step, "
+                "and in backward each is applied and freed as soon as it exists; use --precision bf16-mixed")
 
     corpus = load_corpus(args.vocab_size, args.max_files, args.cache_dir)
     torch.manual_seed(args.seed)
@@ -226,21 +259,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (ValueError, TypeError, ImportError, NotImplementedError) as exc:
         p.error(str(exc))
     scheduler = cosine_schedule(optimizer, args.steps)
+    precision = precision_config(args.precision)
+    scaler = precision.scaler(args.device.type)
     technique = describe(args)
     n_params = sum(t.numel() for t in plain.parameters())
     n_trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
     print(corpus)
     print(f"model: {args.model_config} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
           f"{n_trainable / 1e6:.2f}M trainable), {args.dtype} on {args.device}; {technique}")
+    print(f"precision: {precision}" + (
+        "; on CPU: float16 autocast (matmuls in float16, slow on CPUs without native fp16 arithmetic) and "
+        "torch.amp.GradScaler('cpu')" if precision.grad_scaler and args.device.type == "cpu" else ""))
     print(f"training: {args.steps} steps of batch {args.batch_size} x seq {args.seq_len}, lr {args.lr:g}")
 
     g = torch.Generator().manual_seed(args.seed)
     g_first = torch.Generator().manual_seed(args.seed)  # the run's first two batches
     first = [random_batch(corpus.train, args.batch_size, args.seq_len, g_first).to(args.device) for _ in range(2)]
-    before = plain_step_report(plain, first, args.lr)
+    before = plain_step_report(plain, first, args.lr, precision)
     del plain
     val = eval_batches(corpus.val, args.batch_size, args.seq_len, args.eval_batches)
-    val_before = evaluate(model, val, args.device)
+    val_before = evaluate(model, val, args.device, precision)
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -248,14 +286,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bar = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True, mininterval=1.0)
         for step in bar:
             ids = random_batch(corpus.train, args.batch_size, args.seq_len, g).to(args.device)
-            losses.append(train_step(model, optimizer, ids, scheduler, clip=None if args.in_backward else 1.0).item())
+            losses.append(train_step(model, optimizer, ids, scheduler, clip=None if args.in_backward else 1.0,
+                                     precision=precision, scaler=scaler).item())
             if step % 10 == 0 or step == args.steps - 1:  # a report walks every layer: not every step
                 peak = tracker.report().peak_bytes
                 bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}",
                                 mem=f"{format_bytes(tracker.live_bytes)} / {format_bytes(peak)}", refresh=False)
     seconds = time.perf_counter() - t0
     report = tracker.report()
-    val_after = evaluate(model, val, args.device)
+    val_after = evaluate(model, val, args.device, precision)
 
     depth = block_depth(model)
     print("\n" + str(memopt.applied(model)))
@@ -265,8 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nthe unmodified model's training step ran out of memory on {args.device}: nothing to compare")
     else:
         comparison = memopt.compare(before, report, names=("plain", "memopt"))
-        print("\none training step of the unmodified model (eager attention, no checkpointing, full precision, "
-              "torch AdamW) against the run (memopt.compare):\n")
+        print("\none training step of the unmodified model (eager attention, no checkpointing, no quantization, "
+              f"torch AdamW, {args.precision}) against the run (memopt.compare):\n")
         print(comparison.table(depth=depth))
 
     k = min(10, max(1, len(losses) // 2))
@@ -311,6 +350,8 @@ def describe(args: argparse.Namespace) -> str:
     if getattr(args, "loss", "none") != "none":
         parts.append(f"{args.loss} loss")
     parts.append(getattr(args, "optimizer", "adamw") + (" in backward" if getattr(args, "in_backward", False) else ""))
+    if getattr(args, "precision", "32-true") not in (None, "32-true"):
+        parts.append(args.precision)
     return ", ".join(parts)
 
 

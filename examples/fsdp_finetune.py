@@ -11,7 +11,9 @@ unsharded copy of the model in rank 0's process on the same global batches and p
 (Without --multi_gpu, accelerate launch starts a single process.)
 Every rank tracks its run with `memopt.track`. At the end rank 0 prints the loss of every step, a per-rank table
 (peak, and the parameter, gradient and optimizer bytes each rank holds: they fall as 1/world), and rank 0's
-per-block memory report.
+per-block memory report. --precision bf16-mixed runs the forward under torch.autocast (float32 shards, bf16
+compute), as `memopt.estimate(precision="bf16-mixed", world_size=N)` assumes; "16-mixed" would need FSDP's
+ShardedGradScaler and is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import memopt
 from _data import load_corpus, random_batch
 from finetune_causal_lm import DTYPES, block_depth, build_model, check_args, cosine_schedule, parser, train_step
 from memopt._units import format_bytes
+from memopt.precision import precision_config
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -91,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="also train an unsharded copy on rank 0 (one process, same global batches) and compare losses")
     args = p.parse_args(argv)
     check_args(p, args)
+    precision = precision_config(args.precision)
+    if precision.grad_scaler:
+        p.error("--precision 16-mixed needs FSDP's ShardedGradScaler, which this example does not wire in; use "
+                "bf16-mixed")
     rank, world, device = init_distributed()
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} (the global batch) must be a multiple of the {world} processes")
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             ids = random_batch(corpus.train, args.batch_size, args.seq_len, g)  # (global batch, seq), same on all ranks
             mine = ids[rank * per_rank : (rank + 1) * per_rank].to(device)
             optimizer.zero_grad(set_to_none=True)  # first: the last step's gradients stay to be measured
-            loss = model(input_ids=mine, labels=mine).loss
+            with precision.autocast(device.type):
+                loss = model(input_ids=mine, labels=mine).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
             optimizer.step()
@@ -180,7 +188,8 @@ def train_reference(model: nn.Module, corpus, args) -> list[float]:
     g = torch.Generator().manual_seed(args.seed)
     device = next(model.parameters()).device
     return [train_step(model, optimizer, random_batch(corpus.train, args.batch_size, args.seq_len, g).to(device),
-                       scheduler, clip=1.0).item() for _ in range(args.steps)]
+                       scheduler, clip=1.0, precision=precision_config(args.precision)).item()
+            for _ in range(args.steps)]
 
 
 if __name__ == "__main__":

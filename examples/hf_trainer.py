@@ -3,11 +3,16 @@ in the training logs with `memopt.integrations.MemoryCallback`.
 
     python examples/hf_trainer.py                                  # tiny preset, 200 steps, checkpoint=full
     python examples/hf_trainer.py --quant 4bit --lora 16 --optimizer adamw8bit
+    python examples/hf_trainer.py --precision bf16-mixed            # TrainingArguments(bf16=True): autocast
 
 The Trainer logs ``memory/peak_MiB`` and ``memory/<category>_MiB`` (params, grads, optimizer, activations,
 other, at each interval's peak) beside the loss every --logging-steps; at the end the callback writes
 memory_report.json, memory_report.txt and memory.png to --out. It prints what memopt did, the run's memory report
 (one row per block), the logged losses and peaks, and the validation loss before and after training.
+
+--precision maps to what Trainer takes: "bf16-mixed" is ``TrainingArguments(bf16=True)`` and "16-mixed"
+``fp16=True`` (float32 weights, autocast and, for fp16, a GradScaler, both run by accelerate; on CPU too), the
+"-true" ones build the model in that dtype with neither flag.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import memopt
 from _data import load_corpus
 from finetune_causal_lm import DTYPES, block_depth, build_model, check_args, parser
 from memopt.integrations import MemoryCallback
+
+# --precision -> TrainingArguments' flags: the mixed precisions are Trainer's bf16= / fp16= (autocast, GradScaler)
+TRAINER_PRECISION = {"32-true": {}, "bf16-true": {}, "16-true": {}, "bf16-mixed": {"bf16": True},
+                     "16-mixed": {"fp16": True}}
 
 
 class Windows(torch.utils.data.Dataset):
@@ -68,6 +77,7 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         warmup_steps=min(100, max(1, args.steps // 10)), max_grad_norm=1.0,
         logging_steps=args.logging_steps or max(1, args.steps // 10), save_strategy="no", report_to="none",
         use_cpu=args.device.type == "cpu", seed=args.seed, dataloader_num_workers=0,
+        **TRAINER_PRECISION[args.precision],
     )  # no gradient_checkpointing=True here: memopt checkpoints the blocks
     trainer = transformers.Trainer(
         model=model, args=training_args,
@@ -76,6 +86,8 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         optimizers=(optimizer, None), callbacks=[callback],
     )
     print(corpus)
+    print(f"precision: {args.precision} (TrainingArguments {TRAINER_PRECISION[args.precision] or 'defaults'}, "
+          f"parameters {args.dtype})")
     val_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     val_after = trainer.evaluate()["eval_loss"]

@@ -1,26 +1,40 @@
 """memopt's command line: thin argparse over the library.
 
     memopt inspect CONFIG.json [--checkpoint full|selective|offload|N] [--attention sdpa|none]
-    memopt report CONFIG.json --batch-size B --seq-len S [--checkpoint ...] [--quant ...] [--lora R] [--loss chunked]
-                  [--json | --csv | --plot out.png]
+    memopt report CONFIG.json --batch-size B --seq-len S [--precision P] [--checkpoint ...] [--quant ...] [--lora R]
+                  [--loss chunked] [--json | --csv | --plot out.png]
 
-    memopt estimate CONFIG.json --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--checkpoint full] [--quant 4bit]
-                    [--lora 16] [--optimizer adamw] [--device cuda] [--world-size N] [--mode train|generate] [--json]
-    memopt plan CONFIG.json --budget 24GiB --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--json]
+    memopt estimate CONFIG.json --batch-size 1 --seq-len 2048 [--precision bf16-mixed] [--checkpoint full]
+                    [--quant 4bit] [--lora 16] [--optimizer adamw] [--device cuda] [--world-size N]
+                    [--mode train|generate] [--budget 24GiB] [--json]
+    memopt plan CONFIG.json --budget 24GiB --batch-size 1 --seq-len 2048 [--precision bf16-mixed,bf16-true]
+                [--optimizer adamw,adamw8bit] [--headroom 0.1] [--no-lora] [--json]
 
-`inspect` builds the model from a local transformers config.json on the meta device (no weights, no memory, no
-download), applies memopt and prints what it did to each layer. `report` builds it for real (random weights),
-applies memopt, runs a warm-up training step (so the optimizer state exists) and one tracked step on random
-tokens, and prints the per-layer memory report. `estimate` predicts the peak of a training step (or of generation)
-on fake tensors, without allocating; `plan` finds the cheapest memopt options that fit a budget.
+`inspect` builds the model from a local transformers config (a JSON file of any name, or a folder holding a
+config.json) on the meta device (no weights, no memory, no download), applies memopt and prints what it did to each
+layer. `report` builds it for real (random weights), applies memopt, runs a warm-up training step (so the optimizer
+state exists) and one tracked step on random tokens, and prints the per-layer memory report. `estimate` predicts the
+peak of a training step (or of generation) on fake tensors, without allocating; `plan` finds the cheapest memopt
+options that fit a budget.
+
+Precision (`memopt.precision`): ``--precision`` names it (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true);
+``--dtype`` alone names the parameters' dtype, as its "-true" precision; both must agree. Neither: "bf16-mixed" for
+estimate and plan (the recipe most fine-tunes run: float32 weights and AdamW state, bf16 autocast; "bf16-true" for
+``estimate --mode generate``), "32-true" for report (a CPU step). Bad input exits with status 1 and one line on stderr, ``memopt: ...`` (set
+``MEMOPT_TRACEBACK=1`` for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
+
+# what a user's bad input raises, anywhere below: one line, exit status 1
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError, NotImplementedError, KeyError)
 
 
 def _checkpoint_arg(value: str) -> Any:
@@ -29,36 +43,66 @@ def _checkpoint_arg(value: str) -> Any:
     return {"none": None, "true": True}.get(value.lower(), value)
 
 
+def _none(value: str) -> Any:
+    return None if value.lower() == "none" else value
+
+
 def _build_from_config(path: str, device: str = "meta", dtype=None):
     from .estimation import build_model, load_config
 
-    try:
-        return build_model(load_config(path), device, dtype)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"memopt: {exc}") from None
+    return build_model(load_config(path), device, dtype)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import memopt
 
     model = _build_from_config(args.config)
-    attention = None if args.attention.lower() == "none" else args.attention
-    try:
-        memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=attention)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise SystemExit(f"memopt: {exc}") from None
+    memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=_none(args.attention))
     record = memopt.applied(model)
     print(json.dumps(record.to_dict(), indent=2) if args.json else record)
     return 0
 
 
-def _dtype(name: str):
-    from .estimation import dtype_from_name
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    from .precision import dtype_from_name
 
     try:
         return dtype_from_name(name)
     except ValueError:
         raise SystemExit(f"memopt: --dtype {name!r} is not supported; use float32, bfloat16 or float16") from None
+
+
+def _precision(args: argparse.Namespace, default: str):
+    """The run's `Precision` from --precision / --dtype (see the module docstring)."""
+    from .precision import resolve_precision
+
+    dtype = _dtype(args.dtype)
+    if args.precision is None and dtype is None:
+        return resolve_precision(default)[0]
+    return resolve_precision(args.precision, dtype)[0]
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"memopt: --device {device!r} is not supported; use cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"memopt: --device {device}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu")
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise SystemExit(f"memopt: {flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"memopt: {flag} {path}: the folder {folder} is not writable")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -69,27 +113,40 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.seq_len < 1:
         raise SystemExit(f"memopt: --batch-size and --seq-len must be positive, got {args.batch_size} and {args.seq_len}")
-    model = _build_from_config(args.config, device=args.device, dtype=_dtype(args.dtype))
-    attention = None if args.attention.lower() == "none" else args.attention
-    quant = None if args.quant.lower() == "none" else args.quant
-    try:
-        memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=attention, quant=quant,
-                     lora=args.lora or None, loss=None if args.loss.lower() == "none" else args.loss)
-        optimizer = memopt.optimizer(model, args.optimizer)
-    except (ValueError, TypeError, NotImplementedError, ImportError) as exc:
-        raise SystemExit(f"memopt: {exc}") from None
+    if args.steps < 1:
+        raise SystemExit(f"memopt: --steps {args.steps} must be at least 1")
+    if args.depth is not None and args.depth < 0:
+        raise SystemExit(f"memopt: --depth {args.depth} must be >= 0 (0 folds the model into one row, 3 gives one row "
+                         "per block of a transformers model)")
+    _check_device(args.device)
+    _check_output(args.plot, "--plot")  # before the step, not after it
+    precision = _precision(args, "32-true")
+    model = _build_from_config(args.config, device=args.device, dtype=precision.param_dtype)
+    memopt.apply(model, checkpoint=_checkpoint_arg(args.checkpoint), attention=_none(args.attention),
+                 quant=_none(args.quant), lora=args.lora or None, loss=_none(args.loss))
+    optimizer = memopt.optimizer(model, args.optimizer)
+    device_type = torch.device(args.device).type
+    scaler = precision.scaler(device_type)
     vocab = getattr(model.config, "vocab_size", None) or 100
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(args.device)
     model.train()
 
     def step() -> None:
-        try:
-            out = model(input_ids=ids, labels=ids)
-        except (TypeError, ValueError):  # a bare AutoModel takes no labels
-            out = model(input_ids=ids)
-        step_loss(out).backward()
-        optimizer.step()
+        with precision.autocast(device_type):
+            try:
+                out = model(input_ids=ids, labels=ids)
+            except (TypeError, ValueError):  # a bare AutoModel takes no labels
+                out = model(input_ids=ids)
+            loss = step_loss(out)
+        del out
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: the optimizer state exists in the tracked step, as in any step after the first
@@ -97,6 +154,7 @@ def _report(args: argparse.Namespace) -> int:
         for _ in range(args.steps):
             step()
     report = tracker.report()
+    report.notes.append(f"precision {precision.name!r}: {precision.summary}")
     if args.plot:
         report.plot(args.plot)
     if args.json:
@@ -109,28 +167,28 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _estimate_kwargs(args: argparse.Namespace) -> dict:
-    return dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
-                world_size=args.world_size)
+    return dict(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, world_size=args.world_size)
 
 
-def _fail(exc: Exception) -> SystemExit:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _fail(exc: BaseException) -> SystemExit:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    msg = text.splitlines()[0].strip() if text else type(exc).__name__
     return SystemExit(f"memopt: {msg}")
 
 
 def _estimate(args: argparse.Namespace) -> int:
     import memopt
 
-    try:
-        est = memopt.estimate(
-            args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
-            attention=None if args.attention.lower() == "none" else args.attention,
-            quant=None if args.quant.lower() == "none" else args.quant, lora=args.lora or None,
-            loss=None if args.loss.lower() == "none" else args.loss, **_estimate_kwargs(args),
-        )
-        fits = None if args.budget is None else est.fits(args.budget)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
-        raise _fail(exc) from None
+    # training: float32 master weights with bf16 autocast, the usual recipe; generation has no master weights
+    precision = _precision(args, "bf16-true" if args.mode == "generate" else "bf16-mixed")
+    est = memopt.estimate(
+        args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
+        attention=_none(args.attention), quant=_none(args.quant), lora=args.lora or None, loss=_none(args.loss),
+        precision=precision.name, **_estimate_kwargs(args),
+    )
+    fits = None if args.budget is None else est.fits(args.budget)
     if args.json:
         d = est.to_dict()
         d.pop("report")
@@ -140,17 +198,41 @@ def _estimate(args: argparse.Namespace) -> int:
     else:
         print(est)
         if fits is not None:
-            print(f"fits {args.budget}: {'yes' if fits else 'no'}")
+            print(f"fits {args.budget}: {'yes' if fits else 'no'} (no headroom: `memopt plan` keeps some)")
     return 0
+
+
+def _list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _headroom(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        return value  # a size: 2GiB
+    return f if f < 1 else int(f)
 
 
 def _plan(args: argparse.Namespace) -> int:
     import memopt
 
-    try:
-        result = memopt.plan(args.config, args.budget, allow_lora=not args.no_lora, **_estimate_kwargs(args))
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
-        raise _fail(exc) from None
+    from .precision import resolve_precision
+
+    dtype = _dtype(args.dtype)
+    names = _list(args.precision)
+    if names is None:
+        names = [resolve_precision(None, dtype)[0].name] if dtype is not None else ["bf16-mixed"]
+    elif dtype is not None:
+        for name in names:
+            resolve_precision(name, dtype)  # raises naming both when they disagree
+    kwargs: dict[str, Any] = dict(precision=names)
+    if args.optimizer is not None:
+        kwargs["optimizer"] = _list(args.optimizer)
+    result = memopt.plan(args.config, args.budget, allow_lora=not args.no_lora, headroom=_headroom(args.headroom),
+                         **kwargs, **_estimate_kwargs(args))
     print(json.dumps(result.to_dict(), indent=1) if args.json else result)
     return 0 if result.fits else 2
 
@@ -165,11 +247,19 @@ def _add_technique_args(p: argparse.ArgumentParser, optimizers: str) -> None:
     p.add_argument("--optimizer", default="adamw", help=f"{optimizers} (default: adamw)")
 
 
+def _add_precision_args(p: argparse.ArgumentParser, default: str, many: bool = False) -> None:
+    what = "precisions the plan may choose, preferred first, comma-separated" if many else "the training precision"
+    p.add_argument("--precision", default=None,
+                   help=f"{what}: 32-true | bf16-mixed | 16-mixed | bf16-true | 16-true (default: {default}, or the "
+                        "'-true' precision of --dtype)")
+    p.add_argument("--dtype", default=None, help="the parameters' dtype (float32 | bfloat16 | float16); alone: its "
+                                                 "'-true' precision; with --precision it must agree")
+
+
 def _add_shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="path to a transformers config.json (or its folder)")
+    p.add_argument("config", help="a transformers config JSON file (any name) or a folder holding config.json")
     p.add_argument("--batch-size", type=int, default=1, help="per device (default: 1)")
     p.add_argument("--seq-len", type=int, default=2048, help="default: 2048")
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default: bfloat16)")
     p.add_argument("--device", default="cuda", help="cuda | cpu: whose allocator to count as (default: cuda)")
     p.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks; the estimate is per rank (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -178,23 +268,23 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memopt", description="Make PyTorch training fit in memory.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="what memopt.apply would do to a model built from a local config.json")
-    p.add_argument("config", help="path to a transformers config.json (or its folder)")
+    p = sub.add_parser("inspect", help="what memopt.apply would do to a model built from a local config")
+    p.add_argument("config", help="a transformers config JSON file (any name) or a folder holding config.json")
     p.add_argument("--checkpoint", default="full", help="full | selective | offload | N | none (default: full)")
     p.add_argument("--attention", default="sdpa", help="sdpa | none (default: sdpa)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("report", help="one real training step of a model built from a local config.json, with the "
+    p = sub.add_parser("report", help="one real training step of a model built from a local config, with the "
                                       "per-layer memory report")
-    p.add_argument("config", help="path to a transformers config.json (or its folder)")
+    p.add_argument("config", help="a transformers config JSON file (any name) or a folder holding config.json")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--seq-len", type=int, required=True)
     _add_technique_args(p, optimizers="adamw | adamw8bit | paged_adamw8bit")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    _add_precision_args(p, "32-true")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     p.add_argument("--steps", type=int, default=1, help="tracked steps after the warm-up (default: 1)")
-    p.add_argument("--depth", type=int, default=None, help="fold the table to this module depth")
+    p.add_argument("--depth", type=int, default=None, help="fold the table to this module depth (>= 0)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the report as JSON")
     fmt.add_argument("--csv", action="store_true", help="print one CSV row per layer")
@@ -203,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("estimate", help="predict a training step's peak memory without allocating (fake tensors)")
     _add_shape_args(p)
+    _add_precision_args(p, "bf16-mixed")
     _add_technique_args(p, optimizers="adamw | adamw8bit | paged_adamw8bit | sgd")
     p.add_argument("--mode", default="train", help="train | generate (default: train)")
     p.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB")
@@ -210,11 +301,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plan", help="the cheapest memopt options whose estimated peak fits a budget")
     _add_shape_args(p)
+    _add_precision_args(p, "bf16-mixed", many=True)
     p.add_argument("--budget", required=True, help="device memory, e.g. 24GiB or 80GB")
-    p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no quant + LoRA)")
+    p.add_argument("--optimizer", default=None, help="the optimizers the plan may choose, comma-separated "
+                                                     "(default: every one the planner searches: adamw, adamw8bit)")
+    p.add_argument("--headroom", default=None, help="what a plan leaves free: a fraction of the budget (0.1) or a "
+                                                    "size (2GiB); default 10%% of the budget + 0.5 GiB on CUDA")
+    p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no LoRA)")
     p.set_defaults(run=_plan)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _USER_ERRORS as exc:
+        if os.environ.get("MEMOPT_TRACEBACK"):
+            raise
+        raise _fail(exc) from None
+    except MemoryError:
+        raise SystemExit("memopt: out of host memory (MemoryError); try a smaller --batch-size/--seq-len") from None
+    except RuntimeError as exc:  # torch's out-of-memory errors; anything else is a bug worth its traceback
+        if "out of memory" not in str(exc).lower() or os.environ.get("MEMOPT_TRACEBACK"):
+            raise
+        raise _fail(exc) from None
 
 
 if __name__ == "__main__":

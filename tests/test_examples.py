@@ -104,8 +104,8 @@ def test_headline_benchmark_runs(tmp_path):
 def test_estimate_benchmark_runs():
     out = _run("benchmarks/estimate.py", "--hidden", "128", "--layers", "2", "--intermediate", "256", "--heads", "4",
                "--vocab", "512", "--seq", "64")
-    assert out.count("\n| ") == 10 and "| QLoRA: quant='4bit', lora=16, checkpoint=True |" in out
-    assert "budget 24.00 GiB" in out and "plan: sdpa" in out
+    assert out.count("\n| ") == 14 and "| QLoRA: quant='4bit', lora=16, checkpoint=True | bf16-mixed |" in out
+    assert "budget of 24.00 GiB" in out and "plan: bf16-mixed, full fine-tune, adamw" in out
 
 
 # The fine-tuning examples in their fast mode: the tiny preset on 40 standard-library files, a few steps. The

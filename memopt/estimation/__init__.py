@@ -1,17 +1,22 @@
 """`memopt.estimate` and `memopt.plan`: will it fit? Answered before renting the GPU, without allocating.
 
-    fake_step.py   the model on fake tensors, bitsandbytes stand-ins, a step's loss
-    estimator.py   `estimate`: the real step under FakeTensorMode through `memopt.apply` and the tracker
-    planner.py     `plan`: the cheapest options that fit a budget
-    kv_cache.py    the KV cache of generation
+    fake_step.py    the model on fake tensors, bitsandbytes stand-ins, a step's loss and batch
+    optimizers.py   the optimizers' state layouts and steps: one entry per optimizer
+    profile.py      one fake step, and what adds up to it exactly (the optimizer's part, the depth)
+    estimator.py    `estimate`: the real step under FakeTensorMode through `memopt.apply` and the tracker
+    planner.py      `plan`: the search space (a registry of dimensions) and the search
+    kv_cache.py     the KV cache of generation
 """
 
 from .._units import parse_bytes
-from .estimator import DEVICES, MODES, OPTIMIZERS, Estimate, dtype_from_name, estimate
-from .fake_step import adamw8bit_state_bytes, build_model, load_config, quantized_layout, step_loss
+from ..precision import PRECISIONS, Precision, dtype_from_name
+from .estimator import DEVICES, MODES, Estimate, estimate
+from .fake_step import build_model, find_loss, load_config, quantized_layout, step_loss
 from .kv_cache import kv_cache_bytes
-from .planner import LADDER, Plan, plan
+from .optimizers import OPTIMIZERS, OptimizerSpec, adamw8bit_state_bytes
+from .planner import SEARCH_SPACE, Dimension, Option, Plan, plan, register_option
 
-__all__ = ["DEVICES", "LADDER", "MODES", "OPTIMIZERS", "Estimate", "Plan", "adamw8bit_state_bytes", "build_model",
-           "dtype_from_name", "estimate", "kv_cache_bytes", "load_config", "parse_bytes", "plan", "quantized_layout",
-           "step_loss"]
+__all__ = ["DEVICES", "MODES", "OPTIMIZERS", "PRECISIONS", "SEARCH_SPACE", "Dimension", "Estimate", "Option",
+           "OptimizerSpec", "Plan", "Precision", "adamw8bit_state_bytes", "build_model", "dtype_from_name",
+           "estimate", "find_loss", "kv_cache_bytes", "load_config", "parse_bytes", "plan", "quantized_layout",
+           "register_option", "step_loss"]

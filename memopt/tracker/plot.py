@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .report import MemoryReport
 
 _COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52",
-            "other": "#8c8c8c"}
+            "autocast": "#8172b3", "other": "#8c8c8c"}
 _PHASE_COLOURS = {"forward": "#e8f0fb", "backward": "#fbeee8", "optimizer": "#eaf6ec"}
 
 
@@ -31,8 +31,10 @@ def plot_report(report: "MemoryReport", path: str, depth: int | None = None, tit
     x = range(len(rows))
     bottom = [0.0] * len(rows)
     for label, attr in (("params", "param_bytes"), ("grads", "grad_bytes"), ("optimizer", "optimizer_bytes"),
-                        ("activations", "activation_bytes")):
+                        ("activations", "activation_bytes"), ("autocast", "autocast_bytes")):
         values = [_mib(getattr(r, attr)) for r in rows]
+        if label == "autocast" and not any(values):
+            continue  # no autocast in this run: no empty legend entry
         bars.bar(x, values, bottom=bottom, color=_COLOURS[label], label=label)
         bottom = [b + v for b, v in zip(bottom, values)]
     bars.set_xticks(list(x), [r.name or "<root>" for r in rows], rotation=60, ha="right", fontsize=7)

@@ -12,7 +12,9 @@ from typing import Any
 
 from .._units import format_bytes
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "autocast", "other")
+# shown in printed reports only where they are not zero (the data always has every category)
+_OPTIONAL = ("autocast",)
 PHASES = ("forward", "backward", "optimizer")
 OUTSIDE = "(outside model)"
 
@@ -76,6 +78,9 @@ class LayerMemory:
         optimizer_bytes: optimizer state of its own parameters at the end of the region.
         activation_bytes: what its own forward saved for backward (children excluded), or left alive for backward,
             in the step where that was largest.
+        autocast_bytes: the copies of parameters its forward cast down to a narrower float (under
+            `torch.autocast`, its weights' bf16/fp16 copies, kept for backward), in the step where they were largest;
+            not part of ``activation_bytes``.
         peak_bytes: the highest live total on the device while it ran (forward, or backward).
         forward_s, backward_s: wall time inside it (children included), summed over the region (`table` shows
             them per step); None where it is not meaningful (CUDA's asynchronous kernels, fake tensors).
@@ -90,6 +95,7 @@ class LayerMemory:
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     activation_bytes: int = 0
+    autocast_bytes: int = 0
     peak_bytes: int = 0
     forward_s: float | None = None
     backward_s: float | None = None
@@ -152,7 +158,7 @@ class MemoryReport:
             if row is None:
                 row = folded[key] = LayerMemory(key, layer.type if key == layer.name else "")
             for attr in ("params", "param_bytes", "trainable_bytes", "grad_bytes", "optimizer_bytes",
-                         "activation_bytes"):
+                         "activation_bytes", "autocast_bytes"):
                 setattr(row, attr, getattr(row, attr) + getattr(layer, attr))
             row.peak_bytes = max(row.peak_bytes, layer.peak_bytes)
             if key == layer.name:
@@ -168,7 +174,8 @@ class MemoryReport:
         where = f"{self.peak_at.get('module') or '<root>'} ({self.peak_at.get('phase')})"
         head = [
             f"peak {b(self.peak_bytes)} on {self.device} at {where}, over {self.steps} step(s)",
-            "  at the peak: " + ", ".join(f"{k} {b(v)}" for k, v in self.peak_breakdown.items()),
+            "  at the peak: " + ", ".join(f"{k} {b(v)}" for k, v in self.peak_breakdown.items()
+                                          if v or k not in _OPTIONAL),
         ]
         head += [f"  note: {n}" for n in self.notes]
         timed = any(layer.forward_s is not None for layer in self.layers)
@@ -176,18 +183,21 @@ class MemoryReport:
         if timed:
             head.append(f"  times: mean per step over {steps} step{'s' if steps != 1 else ''} (wall clock, children "
                         "included)")
-        cols = ["layer", "type", "params", "param", "grad", "optim", "activ", "peak"]
-        cols += ["fwd ms/step", "bwd ms/step"] if timed else []
+        cast = any(layer.autocast_bytes for layer in self.layers)
+        cols = (["layer", "type", "params", "param", "grad", "optim", "activ"] + (["autocast"] if cast else [])
+                + ["peak"] + (["fwd ms/step", "bwd ms/step"] if timed else []))
         rows = []
         for r in self.rows(depth):
             row = [r.name or "<root>", r.type, f"{r.params:,}", b(r.param_bytes), b(r.grad_bytes),
-                   b(r.optimizer_bytes), b(r.activation_bytes), b(r.peak_bytes)]
+                   b(r.optimizer_bytes), b(r.activation_bytes)] + ([b(r.autocast_bytes)] if cast else []) + \
+                  [b(r.peak_bytes)]
             if timed:
                 row += ["" if r.forward_s is None else f"{r.forward_s * 1e3 / steps:.1f}",
                         "" if r.backward_s is None else f"{r.backward_s * 1e3 / steps:.1f}"]
             rows.append(row)
         total = ["total", "", f"{self.total('params'):,}", b(self.total("param_bytes")), b(self.total("grad_bytes")),
-                 b(self.total("optimizer_bytes")), b(self.total("activation_bytes")), b(self.peak_bytes)]
+                 b(self.total("optimizer_bytes")), b(self.total("activation_bytes"))] + \
+                ([b(self.total("autocast_bytes"))] if cast else []) + [b(self.peak_bytes)]
         rows.append(total + ([""] * 2 if timed else []))
         widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -269,7 +279,8 @@ class Comparison:
         out = []
         for name in list(a) + [n for n in b if n not in a]:
             row: dict[str, Any] = {"name": name}
-            for attr in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "peak_bytes"):
+            for attr in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "autocast_bytes",
+                         "peak_bytes"):
                 x = getattr(a[name], attr) if name in a else None
                 y = getattr(b[name], attr) if name in b else None
                 row[attr] = (x, y, None if x is None or y is None else y - x)
@@ -290,13 +301,18 @@ class Comparison:
         head = [f"peak: {x} {b(self.before.peak_bytes)} -> {y} {b(self.after.peak_bytes)} ({self.ratio:.2f}x)"]
         for cat in CATEGORIES:
             p, q = self.before.peak_breakdown.get(cat, 0), self.after.peak_breakdown.get(cat, 0)
-            head.append(f"  at the peak, {cat}: {b(p)} -> {b(q)} ({_signed(q - p, b)})")
-        cols = ["layer", f"param {x}", y, f"grad {x}", y, f"activ {x}", y, "delta", f"peak {x}", y]
+            if p or q or cat not in _OPTIONAL:
+                head.append(f"  at the peak, {cat}: {b(p)} -> {b(q)} ({_signed(q - p, b)})")
+        table_rows = self.rows(depth)
+        cast = any(r["autocast_bytes"][0] or r["autocast_bytes"][1] for r in table_rows)
+        cols = ["layer", f"param {x}", y, f"grad {x}", y, f"activ {x}", y, "delta"] + \
+               ([f"autocast {x}", y] if cast else []) + [f"peak {x}", y]
         rows = []
-        for r in self.rows(depth):
-            pa, gr, ac, pk = (r[k] for k in ("param_bytes", "grad_bytes", "activation_bytes", "peak_bytes"))
+        for r in table_rows:
+            pa, gr, ac, ca, pk = (r[k] for k in ("param_bytes", "grad_bytes", "activation_bytes", "autocast_bytes",
+                                                 "peak_bytes"))
             rows.append([r["name"] or "<root>", b(pa[0]), b(pa[1]), b(gr[0]), b(gr[1]), b(ac[0]), b(ac[1]),
-                         _signed(ac[2], b), b(pk[0]), b(pk[1])])
+                         _signed(ac[2], b)] + ([b(ca[0]), b(ca[1])] if cast else []) + [b(pk[0]), b(pk[1])])
         widths = [max(len(str(v)) for v in col) for col in zip(cols, *rows)]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                  for line in [cols, *rows]]

@@ -12,6 +12,9 @@ step goes on:
     activations  what autograd saved for backward (a saved-tensors hook sees it being packed), and whatever
                  the forward left alive when backward starts (outputs, checkpointing's kept inputs, the outputs
                  selective checkpointing caches)
+    autocast     copies of parameters cast down to a narrower float (``aten._to_copy`` of a parameter's storage):
+                 under `torch.autocast`, the bf16/fp16 weight copies it caches for the forward and matmuls keep
+                 for backward; they stay in this category while they live (saved for backward or not)
     other        temporaries and inputs
 
 Which layer. Module hooks (forward pre/post hooks; multi-grad hooks on each module's outputs and inputs for
@@ -69,8 +72,11 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.tracker._after_op(out, args, kwargs)
+        self.tracker._after_op(out, args, kwargs, func)
         return out
+
+
+_TO_COPY = torch.ops.aten._to_copy.default  # what autocast (and Tensor.to) runs to cast a weight
 
 
 def _compiles_its_step(opt: Any) -> bool:
@@ -167,6 +173,8 @@ class Tracker:
         self._layer_peak: dict[str, int] = {}
         self._act_step: dict[str, int] = {}  # bytes saved in the current step, per layer
         self._act_max: dict[str, int] = {}
+        self._cast_step: dict[str, int] = {}  # bytes of parameter casts (autocast's copies) in the current step
+        self._cast_max: dict[str, int] = {}
         self._grad_max: dict[str, int] = {}  # per layer, at the moment the gradients' total was largest
         self._grad_peak = 0
         self._fwd_s: dict[str, float] = {}
@@ -330,7 +338,18 @@ class Tracker:
             for t in _state_tensors(state):
                 self._mark(t, "optimizer")
 
-    def _after_op(self, out: Any, args: tuple = (), kwargs: dict | None = None) -> None:
+    def _cast_of_param(self, func: Any, args: tuple, out: Any) -> bool:
+        """`out` is a copy of a parameter cast down to a narrower float (autocast's bf16/fp16 weight casts, or any
+        ``.to(torch.bfloat16)`` of a float32 weight)."""
+        if func is not _TO_COPY or not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return False
+        src = args[0].dtype
+        if not (src.is_floating_point and out.dtype.is_floating_point and out.itemsize < src.itemsize):
+            return False  # autocast casts weights down to bf16/fp16; an int8 weight dequantized is no cast copy
+        return any(info is not None and info.category == "params"
+                   for info in (self._live.get(st._cdata) for st in self._on_device(args[0])))
+
+    def _after_op(self, out: Any, args: tuple = (), kwargs: dict | None = None, func: Any = None) -> None:
         self._ops += 1
         phase = "optimizer" if self._in_optimizer else "backward" if _in_backward() else "forward"
         if phase != self._phase:
@@ -355,7 +374,15 @@ class Tracker:
                                   for s in _storages(a)}
                     if st._cdata in inputs:  # a view of (or write into) a tensor made before tracking: not new
                         continue
-                    self._add(st, "optimizer" if self._in_optimizer else "other", self._current, phase)
+                    if self._in_optimizer:
+                        category = "optimizer"
+                    elif self._cast_of_param(func, args, out):
+                        category = "autocast"
+                        if phase == "forward":  # the recompute of checkpointing casts again: counted once per step
+                            self._cast_step[self._current] = self._cast_step.get(self._current, 0) + self._size(st)
+                    else:
+                        category = "other"
+                    self._add(st, category, self._current, phase)
                     added = True
         if added:
             self._record()
@@ -562,10 +589,11 @@ class Tracker:
     def _new_step(self) -> None:
         """The model's forward starts (outside backward): a new step for the per-step quantities."""
         self._steps += 1
-        for name, n in self._act_step.items():
-            if n > self._act_max.get(name, 0):
-                self._act_max[name] = n
-        self._act_step = {}
+        for step, most in ((self._act_step, self._act_max), (self._cast_step, self._cast_max)):
+            for name, n in step.items():
+                if n > most.get(name, 0):
+                    most[name] = n
+            step.clear()
         self._post_bw_pending.clear()  # left by a forward that had no backward
 
     def _finish(self) -> None:
@@ -593,9 +621,11 @@ class Tracker:
         """The `MemoryReport` of everything tracked so far (also after `remove`)."""
         if self._mode is not None:
             self._finish()
-        act = dict(self._act_max)
+        act, cast = dict(self._act_max), dict(self._cast_max)
         for name, n in self._act_step.items():
             act[name] = max(act.get(name, 0), n)
+        for name, n in self._cast_step.items():
+            cast[name] = max(cast.get(name, 0), n)
         opt_state: dict[int, torch.Tensor] = {}
         for opt in self._optimizers:
             for p, state in opt.state.items():
@@ -603,7 +633,7 @@ class Tracker:
         layers = []
         counted: set[int] = set()
         names = list(self._order) + [n for n in self._param_storages if n not in self._order]
-        if OUTSIDE in act:
+        if OUTSIDE in act or OUTSIDE in cast:
             names.append(OUTSIDE)
         for name in names:
             layer = LayerMemory(name, self._types.get(name, ""))
@@ -625,12 +655,14 @@ class Tracker:
                                 layer.optimizer_bytes += self._size(st)
             layer.grad_bytes = self._grad_max.get(name, 0)
             layer.activation_bytes = act.get(name, 0)
+            layer.autocast_bytes = cast.get(name, 0)
             layer.peak_bytes = self._layer_peak.get(name, 0)
             layer.calls = self._calls.get(name, 0)
             if not self._cuda and not self._fake:
                 layer.forward_s = self._fwd_s.get(name)
                 layer.backward_s = self._bwd_s.get(name)
-            if layer.param_bytes or layer.activation_bytes or layer.grad_bytes or layer.optimizer_bytes:
+            if layer.param_bytes or layer.activation_bytes or layer.grad_bytes or layer.optimizer_bytes or \
+                    layer.autocast_bytes:
                 layers.append(layer)
         peak = self._peak
         notes = []
