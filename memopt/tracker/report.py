@@ -12,7 +12,9 @@ from typing import Any
 
 from .._units import format_bytes
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "other")
+# shown in printed reports only where they are not zero (the data always has every category)
+_OPTIONAL = ("kv_cache",)
 PHASES = ("forward", "backward", "optimizer")
 OUTSIDE = "(outside model)"
 
@@ -76,6 +78,9 @@ class LayerMemory:
         optimizer_bytes: optimizer state of its own parameters at the end of the region.
         activation_bytes: what its own forward saved for backward (children excluded), or left alive for backward,
             in the step where that was largest.
+        kv_cache_bytes: its layer of the KV cache during generation (an attention module's keys and values, with
+            a quantized cache's scales) at its largest; a paged cache's one flat tensor is split evenly over the
+            layers. Not part of ``activation_bytes``.
         peak_bytes: the highest live total on the device while it ran (forward, or backward).
         forward_s, backward_s: wall time inside it (children included), summed over the region (`table` shows
             them per step); None where it is not meaningful (CUDA's asynchronous kernels, fake tensors).
@@ -90,6 +95,7 @@ class LayerMemory:
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     activation_bytes: int = 0
+    kv_cache_bytes: int = 0
     peak_bytes: int = 0
     forward_s: float | None = None
     backward_s: float | None = None
@@ -114,6 +120,8 @@ class MemoryReport:
         totals: bytes by category at the end of the region.
         timeline: ``(op index, live bytes, phase)`` after each op that allocated, for the plot; in a long region
             thinned to at most 20,000 points, each the highest of the ops it stands for (`Timeline`).
+        kv_cache_timeline: ``(op index, KV cache bytes, phase)`` on the same op axis, where a KV cache was seen
+            (generation): the cache growing over the decode steps.
     """
 
     peak_bytes: int
@@ -125,6 +133,7 @@ class MemoryReport:
     totals: dict[str, int] = field(default_factory=dict)
     timeline: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
+    kv_cache_timeline: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
 
     def layer(self, name: str) -> LayerMemory:
         """The `LayerMemory` of FQN `name` (KeyError naming the known ones if there is none)."""
@@ -152,7 +161,7 @@ class MemoryReport:
             if row is None:
                 row = folded[key] = LayerMemory(key, layer.type if key == layer.name else "")
             for attr in ("params", "param_bytes", "trainable_bytes", "grad_bytes", "optimizer_bytes",
-                         "activation_bytes"):
+                         "activation_bytes", "kv_cache_bytes"):
                 setattr(row, attr, getattr(row, attr) + getattr(layer, attr))
             row.peak_bytes = max(row.peak_bytes, layer.peak_bytes)
             if key == layer.name:
@@ -168,7 +177,8 @@ class MemoryReport:
         where = f"{self.peak_at.get('module') or '<root>'} ({self.peak_at.get('phase')})"
         head = [
             f"peak {b(self.peak_bytes)} on {self.device} at {where}, over {self.steps} step(s)",
-            "  at the peak: " + ", ".join(f"{k} {b(v)}" for k, v in self.peak_breakdown.items()),
+            "  at the peak: " + ", ".join(f"{k} {b(v)}" for k, v in self.peak_breakdown.items()
+                                          if v or k not in _OPTIONAL),
         ]
         head += [f"  note: {n}" for n in self.notes]
         timed = any(layer.forward_s is not None for layer in self.layers)
@@ -176,18 +186,21 @@ class MemoryReport:
         if timed:
             head.append(f"  times: mean per step over {steps} step{'s' if steps != 1 else ''} (wall clock, children "
                         "included)")
-        cols = ["layer", "type", "params", "param", "grad", "optim", "activ", "peak"]
+        kv = any(layer.kv_cache_bytes for layer in self.layers)
+        cols = ["layer", "type", "params", "param", "grad", "optim", "activ"] + (["kv cache"] if kv else []) + ["peak"]
         cols += ["fwd ms/step", "bwd ms/step"] if timed else []
         rows = []
         for r in self.rows(depth):
             row = [r.name or "<root>", r.type, f"{r.params:,}", b(r.param_bytes), b(r.grad_bytes),
-                   b(r.optimizer_bytes), b(r.activation_bytes), b(r.peak_bytes)]
+                   b(r.optimizer_bytes), b(r.activation_bytes)] + ([b(r.kv_cache_bytes)] if kv else []) + \
+                  [b(r.peak_bytes)]
             if timed:
                 row += ["" if r.forward_s is None else f"{r.forward_s * 1e3 / steps:.1f}",
                         "" if r.backward_s is None else f"{r.backward_s * 1e3 / steps:.1f}"]
             rows.append(row)
         total = ["total", "", f"{self.total('params'):,}", b(self.total("param_bytes")), b(self.total("grad_bytes")),
-                 b(self.total("optimizer_bytes")), b(self.total("activation_bytes")), b(self.peak_bytes)]
+                 b(self.total("optimizer_bytes")), b(self.total("activation_bytes"))] + \
+                ([b(self.total("kv_cache_bytes"))] if kv else []) + [b(self.peak_bytes)]
         rows.append(total + ([""] * 2 if timed else []))
         widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -201,6 +214,7 @@ class MemoryReport:
         """Plain data (ints for bytes), JSON-ready; `from_dict` reads it back."""
         d = asdict(self)
         d["timeline"] = [list(p) for p in self.timeline]
+        d["kv_cache_timeline"] = [list(p) for p in self.kv_cache_timeline]
         return d
 
     @classmethod
@@ -208,6 +222,7 @@ class MemoryReport:
         d = dict(d)
         d["layers"] = [LayerMemory(**layer) for layer in d["layers"]]
         d["timeline"] = [tuple(p) for p in d.get("timeline", [])]
+        d["kv_cache_timeline"] = [tuple(p) for p in d.get("kv_cache_timeline", [])]
         return cls(**d)
 
     def to_json(self, path: str | None = None) -> str:
@@ -290,7 +305,8 @@ class Comparison:
         head = [f"peak: {x} {b(self.before.peak_bytes)} -> {y} {b(self.after.peak_bytes)} ({self.ratio:.2f}x)"]
         for cat in CATEGORIES:
             p, q = self.before.peak_breakdown.get(cat, 0), self.after.peak_breakdown.get(cat, 0)
-            head.append(f"  at the peak, {cat}: {b(p)} -> {b(q)} ({_signed(q - p, b)})")
+            if p or q or cat not in _OPTIONAL:
+                head.append(f"  at the peak, {cat}: {b(p)} -> {b(q)} ({_signed(q - p, b)})")
         cols = ["layer", f"param {x}", y, f"grad {x}", y, f"activ {x}", y, "delta", f"peak {x}", y]
         rows = []
         for r in self.rows(depth):
