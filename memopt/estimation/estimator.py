@@ -191,6 +191,12 @@ def estimate(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    # mode="generate" only (memopt/estimation/generate.py):
+    kv_cache: Any = None,
+    new_tokens: int | None = None,
+    requests: Any = None,
+    max_concurrent_sequences: int | None = None,
+    kv_heads: Any = None,
 ) -> Estimate:
     """Predict the peak memory of a training step (or of generation) without allocating it.
 
@@ -210,6 +216,15 @@ def estimate(
             ``"generate"`` (weights, the KV cache of ``seq_len`` tokens for ``batch_size`` sequences, the prefill).
         checkpoint, attention, quant, lora, loss, blocks: as `memopt.apply` (``loss="chunked"``: the head and loss
             chunk by chunk, the logits never whole).
+        kv_cache: ``mode="generate"``: ``"dynamic"`` (default), ``"static"``, ``"fp8"``, ``"int4"``, ``"int2"``,
+            ``"paged"``, ``"offloaded"`` or a `memopt.KVCacheConfig` (group size, residual window, page size).
+        new_tokens: ``mode="generate"``: tokens generated per sequence (of ``seq_len``; default 1: a prompt of
+            ``seq_len - 1`` tokens, the largest prefill).
+        requests: ``mode="generate"``: ``[(prompt tokens, new tokens), ...]`` instead of one ``seq_len`` (paged:
+            the blocks they use; other caches: a batch padded to the longest).
+        max_concurrent_sequences: ``mode="generate"``: sequences in memory at once (default ``batch_size``, or
+            every request).
+        kv_heads: as `memopt.apply`: the model converted to this many key/value heads (GQA/MQA) first.
 
     Cost: two fake steps (a warm-up that creates the optimizer state, and the tracked one); seconds for small
     models, ~15 s for a 7B config on 2 CPU cores, a few hundred MB of RAM.
@@ -217,6 +232,16 @@ def estimate(
     Raises:
         FileNotFoundError: the config path does not exist. ValueError: an option has an unknown value.
     """
+    if mode == "generate":  # generation, its KV cache: memopt/estimation/generate.py
+        from .generate import estimate_generate
+
+        return estimate_generate(model, batch_size=batch_size, seq_len=seq_len, inputs=inputs, dtype=dtype,
+                                 device=device, attention=attention, quant=quant, lora=lora, kv_cache=kv_cache,
+                                 new_tokens=new_tokens, requests=requests,
+                                 max_concurrent_sequences=max_concurrent_sequences, kv_heads=kv_heads)
+    if any(v is not None for v in (kv_cache, new_tokens, requests, max_concurrent_sequences, kv_heads)):
+        raise ValueError("kv_cache=, new_tokens=, requests=, max_concurrent_sequences= (and here kv_heads=) are for "
+                         "mode='generate'")
     started = time.perf_counter()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -275,24 +300,6 @@ def estimate(
         batch_fn = inputs if inputs is not None else lambda: _hf_batch(net, batch_size, seq_len, mode)
         dev_name = "cuda" if device == "cuda" else "cpu"
         round_to = 512 if device == "cuda" else None
-
-        if mode == "generate":
-            net.eval()
-            batch = batch_fn()
-            with torch.no_grad():
-                with track(net, round_to=round_to) as tracker:
-                    try:  # generate() computes the prefill's logits for the last position only
-                        _call(net, {**batch, "logits_to_keep": 1} if isinstance(batch, dict) else batch)
-                    except TypeError:
-                        _call(net, batch)
-            report = tracker.report()
-            weights = report.total("param_bytes")
-            kv = kv_cache_bytes(config, batch_size, seq_len, dtype or torch.float32) if config is not None else None
-            per_seq = max(1, (kv if kv is not None else report.peak_bytes - weights) // batch_size)
-            report.device = f"{device} (estimate)"
-            return Estimate(report.peak_bytes, dict(report.peak_breakdown), report, options, "none", dev_name,
-                            str(dtype).replace("torch.", ""), batch_size, seq_len, world_size, mode, weights, kv,
-                            per_seq, time.perf_counter() - started, notes, _block_depth(net))
 
         net.train()
         trainable = [p for p in net.parameters() if p.requires_grad]
