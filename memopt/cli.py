@@ -7,6 +7,8 @@
     memopt estimate CONFIG.json --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--checkpoint full] [--quant 4bit]
                     [--lora 16] [--optimizer adamw] [--device cuda] [--world-size N] [--mode train|generate] [--json]
     memopt plan CONFIG.json --budget 24GiB --batch-size 1 --seq-len 2048 [--dtype bfloat16] [--json]
+    memopt plan CONFIG.json --mode generate --budget 24GiB --seq-len 8192 [--new-tokens N] [--sequences N]
+                [--kv-cache dynamic,paged,fp8,int4,int2,offloaded] [--kv-heads 8] [--no-quant] [--json]
 
 `inspect` builds the model from a local transformers config.json on the meta device (no weights, no memory, no
 download), applies memopt and prints what it did to each layer. `report` builds it for real (random weights),
@@ -144,9 +146,28 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_generate(args: argparse.Namespace) -> int:
+    """``memopt plan CONFIG --mode generate``: how many sequences of --seq-len fit --budget, and how."""
+    import memopt
+
+    kinds = None if args.kv_cache is None else [k.strip() for k in args.kv_cache.split(",") if k.strip()]
+    kv_heads = None if args.kv_heads is None else [int(k) for k in args.kv_heads.split(",")]
+    try:
+        result = memopt.plan(args.config, args.budget, mode="generate", seq_len=args.seq_len, dtype=args.dtype,
+                             device=args.device, new_tokens=args.new_tokens, sequences=args.sequences,
+                             kv_caches=kinds, allow_quant=not args.no_quant, kv_heads=kv_heads,
+                             page_size=args.page_size, device_memory=args.device_memory)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+        raise _fail(exc) from None
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
+    return 0 if result.fits else 2
+
+
 def _plan(args: argparse.Namespace) -> int:
     import memopt
 
+    if args.mode == "generate":
+        return _plan_generate(args)
     try:
         result = memopt.plan(args.config, args.budget, allow_lora=not args.no_lora, **_estimate_kwargs(args))
     except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
@@ -212,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_shape_args(p)
     p.add_argument("--budget", required=True, help="device memory, e.g. 24GiB or 80GB")
     p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no quant + LoRA)")
+    g = p.add_argument_group("--mode generate: sequences of --seq-len tokens at once, the KV cache and vLLM settings")
+    g.add_argument("--mode", default="train", choices=("train", "generate"), help="default: train")
+    g.add_argument("--new-tokens", type=int, default=None, help="generated tokens per sequence (default seq-len/4)")
+    g.add_argument("--sequences", type=int, default=None, help="target: this many sequences at once")
+    g.add_argument("--kv-cache", default=None, help="cache kinds to consider, comma-separated: dynamic,paged,fp8,"
+                                                    "int4,int2,offloaded (default: all but offloaded)")
+    g.add_argument("--kv-heads", default=None, help="key/value head counts the model may be converted to, e.g. 8,4")
+    g.add_argument("--no-quant", action="store_true", help="keep the weights in --dtype (no 8/4-bit weights)")
+    g.add_argument("--page-size", type=int, default=16, help="paged cache block size (default 16, vLLM's)")
+    g.add_argument("--device-memory", default=None, help="the device's memory, for vLLM's gpu_memory_utilization")
     p.set_defaults(run=_plan)
     args = parser.parse_args(argv)
     return args.run(args)

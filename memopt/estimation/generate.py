@@ -493,3 +493,217 @@ def max_concurrent(est: GenerateEstimate, budget: Any) -> int:
     """Sequences of the estimate's length that fit `budget`: the weights, the working memory of the estimate's
     step, then one sequence's cache each (paged: its blocks)."""
     return est.max_concurrent_sequences(parse_bytes(budget))
+
+
+# -- memopt.plan(..., mode="generate") ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    kv_cache: str
+    quant: str | None = None
+    kv_heads: Any = None
+    lossless: bool = True  # the model's outputs unchanged (up to rounding)
+    cuda_only: bool = False
+
+
+# In order of cost: what changes the outputs least, and runs fastest, first. Quantized caches dequantize every
+# layer at every decode step (slower decoding); weight quantization changes the model; kv_heads changes it for good.
+OPTIONS = (
+    _Option("dynamic cache", "dynamic"),
+    _Option("paged cache (continuous batching)", "paged"),
+    _Option("offloaded cache (layers in host memory)", "offloaded", cuda_only=True),
+    _Option("fp8 cache", "fp8", lossless=False),
+    _Option("int4 cache", "int4", lossless=False),
+    _Option("int2 cache", "int2", lossless=False),
+    _Option("8-bit weights + int4 cache", "int4", quant="8bit", lossless=False),
+    _Option("4-bit weights + int4 cache", "int4", quant="4bit", lossless=False),
+    _Option("4-bit weights + int2 cache", "int2", quant="4bit", lossless=False),
+)
+
+
+@dataclass
+class GeneratePlan:
+    """What `memopt.plan(..., mode="generate")` chose: how many sequences of ``seq_len`` fit the budget at once, and
+    how. ``memopt.apply(model, **plan.options)`` (weight quantization, kv_heads) then
+    ``model.generate(..., **plan.generate_kwargs)`` (paged: ``model.generate_batch(prompts, **plan.generate_kwargs)``)
+    with ``plan.sequences`` sequences at a time.
+
+    Attributes:
+        fits: at least one sequence fits (and ``sequences >= target`` when a target was given).
+        name, kv_cache (`KVCacheConfig`; paged with ``num_blocks`` sized from the budget), options, sequences,
+        estimate (the `GenerateEstimate` at ``sequences``), generate_kwargs, vllm (the vLLM engine arguments that
+        correspond: ``block_size``, ``gpu_memory_utilization``, ``kv_cache_dtype``, ``max_num_seqs``,
+        ``max_model_len``, ``num_gpu_blocks_override``, ``quantization``), tried: ``[(name, sequences)]``.
+    """
+
+    fits: bool
+    budget_bytes: int
+    name: str
+    kv_cache: KVCacheConfig
+    options: dict[str, Any]
+    sequences: int
+    seq_len: int
+    new_tokens: int
+    target: int | None
+    estimate: GenerateEstimate | None
+    generate_kwargs: dict[str, Any]
+    vllm: dict[str, Any]
+    tried: list[tuple[str, int]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "budget_bytes": self.budget_bytes, "name": self.name,
+                "kv_cache": dict(self.kv_cache.__dict__), "options": {k: _jsonable(v) for k, v in self.options.items()},
+                "sequences": self.sequences, "seq_len": self.seq_len, "new_tokens": self.new_tokens,
+                "target": self.target, "generate_kwargs": {k: _jsonable(v) for k, v in self.generate_kwargs.items()},
+                "vllm": self.vllm, "tried": self.tried, "notes": self.notes,
+                "estimate": None if self.estimate is None else
+                {k: v for k, v in self.estimate.to_dict().items() if k != "report"}}
+
+    def __str__(self) -> str:
+        lines = [f"budget {format_bytes(self.budget_bytes)}, sequences of {self.seq_len} tokens "
+                 f"({self.new_tokens} generated){f', target {self.target} at once' if self.target else ''}:"]
+        lines += [f"  {n:>6} at once  {name}" for name, n in self.tried]
+        if not self.fits:
+            lines.append(f"nothing fits {'the target' if self.target and self.sequences else 'one sequence'}: the most "
+                         f"is {self.sequences} ({self.name}); lower seq_len, or a bigger budget")
+            return "\n".join(lines)
+        e = self.estimate
+        lines.append(f"plan: {self.name}: {self.sequences} sequences at once, peak {format_bytes(e.peak_bytes)} "
+                     f"(weights {format_bytes(e.weights_bytes)}, KV cache {format_bytes(e.kv_cache_bytes or 0)})")
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        if opts:
+            lines.append(f"  memopt.apply(model, {opts})")
+        call = "generate_batch(prompts, " if self.kv_cache.kind == "paged" else \
+            f"generate(input_ids (batch {self.sequences}), "
+        gk = ", ".join(f"{k}={_short(v)}" for k, v in self.generate_kwargs.items())
+        lines.append(f"  model.{call}max_new_tokens={self.new_tokens}{', ' + gk if gk else ''})")
+        lines.append("  vLLM: " + ", ".join(f"{k}={v!r}" for k, v in self.vllm.items()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fits(model, kv: KVCacheConfig, quant, kv_heads, n: int, seq_len: int, new: int, budget: int,
+          kwargs: dict) -> GenerateEstimate:
+    requests = [(max(1, seq_len - new), new)] * n if kv.kind == "paged" else None
+    return estimate_generate(model, batch_size=n, seq_len=seq_len, new_tokens=new, requests=requests, kv_cache=kv,
+                             quant=quant, kv_heads=kv_heads, **kwargs)
+
+
+def _most(model, opt: _Option, kv: KVCacheConfig, seq_len: int, new: int, budget: int, kwargs: dict,
+          cap: int) -> tuple[int, GenerateEstimate | None]:
+    """The most sequences of this option under `budget`: two estimates give the fixed part and the cost of one more
+    sequence, then the estimate at that count is checked (and stepped down while over)."""
+    one = _fits(model, kv, opt.quant, opt.kv_heads, 1, seq_len, new, budget, kwargs)
+    if one.peak_bytes > budget:
+        return 0, one
+    two = _fits(model, kv, opt.quant, opt.kv_heads, 2, seq_len, new, budget, kwargs)
+    marginal = max(1, two.peak_bytes - one.peak_bytes)
+    n = max(1, min(cap, 1 + (budget - one.peak_bytes) // marginal))
+    est = two if n == 2 else one if n == 1 else _fits(model, kv, opt.quant, opt.kv_heads, n, seq_len, new, budget,
+                                                       kwargs)
+    while n > 1 and est.peak_bytes > budget:
+        n = max(1, int(n * budget / est.peak_bytes))
+        est = _fits(model, kv, opt.quant, opt.kv_heads, n, seq_len, new, budget, kwargs)
+    return n, est
+
+
+def plan_generate(model: Any, budget: Any = "24GiB", *, seq_len: int = 2048, new_tokens: int | None = None,
+                  sequences: int | None = None, device: str = "cuda", kv_caches: Any = None, allow_quant: bool = True,
+                  kv_heads: Any = None, page_size: int = 16, device_memory: Any = None, max_sequences: int = 4096,
+                  **kwargs: Any) -> GeneratePlan:
+    """`memopt.plan(model, budget, mode="generate", ...)`: how many sequences of `seq_len` tokens fit `budget` at
+    once, and how.
+
+    Without `sequences`: the most sequences with a cache that leaves the outputs as they are (dynamic, paged,
+    offloaded on CUDA), the others listed beside it. With `sequences` (a target): the first option in order of cost
+    (`OPTIONS`: lossless caches, fp8, int4, int2, then 8-/4-bit weights) that fits that many.
+
+    Args:
+        seq_len: tokens per sequence (prompt + generated); new_tokens: generated (default seq_len // 4).
+        kv_caches: the cache kinds to consider (default all that run on `device` except ``"offloaded"``, which
+            trades decoding speed and host memory for sequences: name it to have it considered).
+        allow_quant: also consider 8-/4-bit weights (they change the model's outputs).
+        kv_heads: an int (or list of ints) of key/value heads the model may be converted to (`memopt.apply(
+            kv_heads=)`: changes the model for good, needs uptraining); tried after the rest.
+        page_size: the paged cache's block size (vLLM's default 16).
+        device_memory: the device's memory, for vLLM's ``gpu_memory_utilization`` (default: the budget).
+        **kwargs: dtype, attention, as `memopt.estimate`.
+
+    Cost: two to four `memopt.estimate` calls per option tried.
+    """
+    budget_bytes = parse_bytes(budget)
+    new = new_tokens or max(1, seq_len // 4)
+    if new >= seq_len:
+        raise ValueError(f"new_tokens={new} must be below seq_len={seq_len} (the prompt needs a token)")
+    kinds = None if kv_caches is None else {kv_cache_config(k).kind for k in
+                                           ([kv_caches] if isinstance(kv_caches, (str, KVCacheConfig)) else kv_caches)}
+    # offloading trades decoding speed (a host copy of every layer at every step) and host memory for sequences:
+    # considered only when asked for
+    options = [o for o in OPTIONS if (not o.cuda_only or device == "cuda") and (allow_quant or o.quant is None)
+               and (o.kv_cache in kinds if kinds is not None else o.kv_cache != "offloaded")]
+    for k in ([] if kv_heads is None else [kv_heads] if not isinstance(kv_heads, (list, tuple)) else kv_heads):
+        options.append(_Option(f"kv_heads={k} + dynamic cache", "dynamic", kv_heads=k, lossless=False))
+        options.append(_Option(f"kv_heads={k} + int4 cache", "int4", kv_heads=k, lossless=False))
+    tried: list[tuple[str, int]] = []
+    results: list[tuple[_Option, KVCacheConfig, int, GenerateEstimate | None]] = []
+    kwargs = {"device": device, **kwargs}
+    for opt in options:
+        kv = KVCacheConfig(opt.kv_cache, page_size=page_size) if opt.kv_cache == "paged" else KVCacheConfig(opt.kv_cache)
+        try:
+            n, est = _most(model, opt, kv, seq_len, new, budget_bytes, kwargs, max_sequences)
+        except ImportError as exc:  # a quantization backend not installed: say so, try the rest
+            tried.append((f"{opt.name} (skipped: {exc})", 0))
+            continue
+        tried.append((opt.name, n))
+        results.append((opt, kv, n, est))
+        if sequences is not None and n >= sequences:
+            break
+    if not results:
+        raise ValueError("no option could be estimated: " + "; ".join(name for name, _ in tried))
+    if sequences is not None:
+        chosen = next((r for r in results if r[2] >= sequences), max(results, key=lambda r: r[2]))
+        fits = chosen[2] >= sequences
+    else:
+        lossless = [r for r in results if r[0].lossless] or results
+        chosen = max(lossless, key=lambda r: r[2])
+        fits = chosen[2] >= 1
+    opt, kv, n, est = chosen
+    if sequences is not None and fits and n > sequences:  # the target, not more: the estimate at the target
+        n = sequences
+        est = _fits(model, kv, opt.quant, opt.kv_heads, n, seq_len, new, budget_bytes, kwargs)
+    notes: list[str] = []
+    if kv.kind == "paged" and est is not None:  # the cache sized from the budget, not from free memory
+        block = est.cache["reserved_bytes"] / max(1, est.cache["num_blocks"])
+        spare = budget_bytes - est.peak_bytes
+        kv = with_blocks(kv, est.cache["num_blocks"] + max(0, int(spare // block)))
+        notes.append(f"paged: num_blocks={kv.num_blocks} fills the budget ({format_bytes(block)} per block of "
+                     f"{kv.page_size} tokens); {n} sequences of {seq_len} tokens use {est.cache['blocks_used']}")
+    memopt_options = {k: v for k, v in (("quant", opt.quant), ("kv_heads", opt.kv_heads)) if v is not None}
+    generate_kwargs = kv.generate_kwargs() if est is not None else {}
+    vllm = _vllm(kv, est, budget_bytes, device_memory, n, seq_len, opt.quant)
+    if opt.kv_heads is not None:
+        notes.append("kv_heads changes the model (pooled key/value heads): uptrain it before use")
+    return GeneratePlan(fits, budget_bytes, opt.name, kv, memopt_options, n, seq_len, new, sequences, est,
+                        generate_kwargs, vllm, tried, notes)
+
+
+def _vllm(kv: KVCacheConfig, est: GenerateEstimate | None, budget: int, device_memory: Any, n: int, seq_len: int,
+          quant: str | None) -> dict[str, Any]:
+    """vLLM's engine arguments for the same job: it always pages (16-token blocks by default) and takes
+    ``gpu_memory_utilization`` of the device for weights, activations and cache blocks."""
+    total = parse_bytes(device_memory) if device_memory is not None else budget
+    out: dict[str, Any] = kv.vllm(torch.float16)
+    out["block_size"] = kv.page_size if kv.kind == "paged" else 16
+    out["gpu_memory_utilization"] = round(min(0.95, budget / total), 3)  # vLLM's fraction of the whole device
+    out["max_num_seqs"] = n
+    out["max_model_len"] = seq_len
+    if est is not None and est.cache.get("tokens") and kv.kind not in ("static", "offloaded"):
+        per_token = est.cache["bytes"] / est.cache["tokens"]  # in the cache's own format (fp8: 1 byte a value)
+        working = est.peak_bytes - est.weights_bytes - (est.kv_cache_bytes or 0)
+        out["num_gpu_blocks_override"] = max(1, int((budget - est.weights_bytes - working)
+                                                    // (per_token * out["block_size"])))
+    if quant is not None:
+        out["quantization"] = "bitsandbytes"
+    return out

@@ -89,7 +89,7 @@ class Plan:
 
 
 def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int = 512, device: str = "cuda",
-         allow_lora: bool = True, **kwargs: Any) -> Plan:
+         allow_lora: bool = True, mode: str = "train", **kwargs: Any) -> Plan:
     """The cheapest way to make a training step fit `budget`: estimates the rungs of `LADDER` in order of compute
     cost (sdpa; selective checkpointing; 8-bit AdamW; every-2 and full checkpointing; offload (CUDA); 8-bit weights +
     LoRA; 4-bit + LoRA) and returns the first that fits, with its predicted peak and slowdown.
@@ -100,10 +100,20 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
         allow_lora: also consider the rungs that quantize the weights and train LoRA adapters instead (they change
             what is trained).
 
+        mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
+            settings (`memopt.estimation.generate.plan_generate`: new_tokens=, sequences=, kv_caches=,
+            allow_quant=, kv_heads=, page_size=, device_memory=); returns a `GeneratePlan`.
+
     Cost: one `memopt.estimate` per rung tried (it stops at the first that fits).
     """
+    if mode == "generate":  # generation: memopt/estimation/generate.py
+        from .generate import plan_generate
+
+        return plan_generate(model, budget, seq_len=seq_len, device=device, **kwargs)
+    if mode != "train":
+        raise ValueError(f"mode={mode!r} is not supported; use 'train' or 'generate'")
     budget_bytes = parse_bytes(budget)
-    for key in ("checkpoint", "quant", "lora", "optimizer", "mode"):
+    for key in ("checkpoint", "quant", "lora", "optimizer"):
         if key in kwargs:
             raise ValueError(f"plan(..., {key}=...) is chosen by the plan; pass the other estimate options only")
     tried: list[tuple[str, int, bool]] = []
