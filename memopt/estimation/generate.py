@@ -448,19 +448,25 @@ def _paged(net, config, kv: KVCacheConfig, reqs: list[tuple[int, int]], concurre
             ids, mask = _ids(1, max(1, min(m, sum(p for p, _ in active))), vocab)
             _step(net, ids, mask, None)
         prefill = tracker.report()
-        read = min(sum(p + n - 2 for p, n in active), cache.max_tokens_read)  # every active sequence's cache
-        dyn = make_cache(KVCacheConfig("dynamic"), config)
-        if read > 0:
-            ids, mask = _ids(1, read, vocab)
-            _step(net, ids, mask, dyn)
-        with track(net, round_to=round_to) as tracker:  # the keys and values read back: a dynamic cache stands in
-            ids, mask = _ids(1, min(c, m), vocab)
-            _step(net, ids, torch.ones(1, read + ids.shape[1], dtype=torch.long), dyn)
-        decode = tracker.report()
+        prompts = sum(p for p, _ in active)
+        # a step reading the prompts in (up to max_batch_tokens of them, beside a token of each decoding sequence)
+        # against the prompts cached so far, and a decode step (a token per sequence) against every active
+        # sequence's cache; the keys and values read back: a dynamic cache stands in, not counted
+        work = []
+        for query, read in ((min(m, prompts + c), min(prompts, cache.max_tokens_read)),
+                            (min(m, c), min(sum(p + n - 2 for p, n in active), cache.max_tokens_read))):
+            dyn = make_cache(KVCacheConfig("dynamic"), config)
+            if read > 0:
+                ids, mask = _ids(1, read, vocab)
+                _step(net, ids, mask, dyn)
+            with track(net, round_to=round_to) as tracker:
+                ids, mask = _ids(1, max(1, query), vocab)
+                _step(net, ids, torch.ones(1, read + ids.shape[1], dtype=torch.long), dyn)
+            r = tracker.report()
+            work.append((r.peak_bytes - r.total("param_bytes") - sum_storage_bytes(all_tensors(dyn)), r))
+        work_decode, decode = max(work, key=lambda w: w[0])
     weights = prefill.total("param_bytes")
-    read_bytes = sum_storage_bytes(all_tensors(dyn))
     work_prefill = prefill.peak_bytes - weights
-    work_decode = decode.peak_bytes - weights - read_bytes  # the stand-in cache is not part of the paged step
     report = prefill if work_prefill >= work_decode else decode
     peak = weights + reserved + buffers + max(work_prefill, work_decode)
     breakdown = dict.fromkeys(report.peak_breakdown, 0)
@@ -482,7 +488,7 @@ def _paged(net, config, kv: KVCacheConfig, reqs: list[tuple[int, int]], concurre
                 per_sequence_bytes=max(1, math.ceil(blocks_bytes / max(1, c))), kv_cache=kv,
                 prompt_len=max(p for p, _ in reqs), new_tokens=max(n for _, n in reqs), concurrent=c,
                 prefill_peak_bytes=prefill.peak_bytes + reserved + buffers,
-                decode_peak_bytes=decode.peak_bytes - read_bytes + reserved + buffers,
+                decode_peak_bytes=weights + work_decode + reserved + buffers,
                 cache=dict(bytes=reserved, tokens=tokens, bytes_per_token=reserved / max(1, tokens),
                            written_bytes=written, reserved_bytes=reserved, waste=1 - written / reserved,
                            num_blocks=kv.num_blocks, blocks_used=used, page_size=kv.page_size,
