@@ -194,3 +194,8 @@ def test_generate_within_budget_fast():
     assert "memopt.plan" in out and "kv cache" in out
     measured = out.split("measured ", 1)[1]
     assert "of the budget" in measured and int(measured.split("(", 1)[1].split("%")[0]) <= 100
+
+
+def test_kv_cache_benchmark_runs():
+    out = _run("benchmarks/kv_cache.py", "--fast")
+    assert out.count("| static") == 1 and "| paged" in out and "| fp8 |" in out
