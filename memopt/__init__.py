@@ -11,7 +11,7 @@
 
 from .api import applied, apply, remove
 from .config import AttentionConfig, CheckpointConfig, LoraSettings, LossConfig, OffloadConfig, QuantConfig
-from .estimation import Estimate, Plan, estimate, plan
+from .estimation import Estimate, KVCacheConfig, Plan, estimate, plan
 from .optim import optimizer
 from .tracker import LayerMemory, MemoryReport, compare, track
 from .transforms.attention import register_attention
@@ -19,7 +19,8 @@ from .transforms.loss import chunked_cross_entropy, register_loss
 
 __all__ = [
     "apply", "applied", "remove", "optimizer", "register_attention", "register_loss", "chunked_cross_entropy",
-    "track", "compare", "estimate", "plan", "Estimate", "Plan",
-    "AttentionConfig", "CheckpointConfig", "LoraSettings", "LossConfig", "OffloadConfig", "QuantConfig", "MemoryReport", "LayerMemory",
+    "track", "compare", "estimate", "plan", "Estimate", "Plan", "KVCacheConfig",
+    "AttentionConfig", "CheckpointConfig", "LoraSettings", "LossConfig", "OffloadConfig", "QuantConfig",
+    "MemoryReport", "LayerMemory",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,8 @@
                     [--mode train|generate] [--budget 24GiB] [--json]
     memopt plan CONFIG.json --budget 24GiB --batch-size 1 --seq-len 2048 [--precision bf16-mixed,bf16-true]
                 [--optimizer adamw,adamw8bit] [--headroom 0.1] [--no-lora] [--json]
+    memopt plan CONFIG.json --mode generate --budget 24GiB --seq-len 8192 [--new-tokens N] [--sequences N]
+                [--kv-cache dynamic,paged,fp8,int4,int2,offloaded] [--kv-heads 8] [--no-quant] [--json]
 
 `inspect` builds the model from a local transformers config (a JSON file of any name, or a folder holding a
 config.json) on the meta device (no weights, no memory, no download), applies memopt and prints what it did to each
@@ -216,9 +218,40 @@ def _headroom(value: str | None) -> Any:
     return f if f < 1 else int(f)
 
 
+def _plan_generate(args: argparse.Namespace) -> int:
+    """``memopt plan CONFIG --mode generate``: how many sequences of --seq-len fit --budget, and how."""
+    import memopt
+
+    if args.headroom is not None:
+        raise SystemExit("memopt: --headroom is for training plans; with --mode generate pass the budget less the "
+                         "headroom you want")
+    names = _list(args.precision)
+    if names is not None and len(names) > 1:
+        raise SystemExit(f"memopt: --precision {args.precision!r}: --mode generate runs in one precision; name one")
+    args.precision = names[0] if names else None
+    precision = _precision(args, "bf16-true")
+    if precision.mixed:
+        raise SystemExit(f"memopt: --precision {precision.name}: mixed precision's float32 master weights are for "
+                         f"training; generation runs in one dtype: use --precision "
+                         f"{precision.name.replace('-mixed', '-true')}")
+    kinds = _list(args.kv_cache)
+    try:
+        kv_heads = None if args.kv_heads is None else [int(k) for k in args.kv_heads.split(",")]
+    except ValueError:
+        raise SystemExit(f"memopt: --kv-heads {args.kv_heads!r}: give key/value head counts, e.g. 8 or 8,4") from None
+    result = memopt.plan(args.config, args.budget, mode="generate", seq_len=args.seq_len,
+                         dtype=precision.param_dtype, device=args.device, new_tokens=args.new_tokens,
+                         sequences=args.sequences, kv_caches=kinds, allow_quant=not args.no_quant, kv_heads=kv_heads,
+                         page_size=args.page_size, device_memory=args.device_memory)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
+    return 0 if result.fits else 2
+
+
 def _plan(args: argparse.Namespace) -> int:
     import memopt
 
+    if args.mode == "generate":
+        return _plan_generate(args)
     from .precision import resolve_precision
 
     dtype = _dtype(args.dtype)
@@ -308,6 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headroom", default=None, help="what a plan leaves free: a fraction of the budget (0.1) or a "
                                                     "size (2GiB); default 10%% of the budget + 0.5 GiB on CUDA")
     p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no LoRA)")
+    g = p.add_argument_group("--mode generate: sequences of --seq-len tokens at once, the KV cache and vLLM settings")
+    g.add_argument("--mode", default="train", choices=("train", "generate"), help="default: train")
+    g.add_argument("--new-tokens", type=int, default=None, help="generated tokens per sequence (default seq-len/4)")
+    g.add_argument("--sequences", type=int, default=None, help="target: this many sequences at once")
+    g.add_argument("--kv-cache", default=None, help="cache kinds to consider, comma-separated: dynamic,paged,fp8,"
+                                                    "int4,int2,offloaded (default: all but offloaded)")
+    g.add_argument("--kv-heads", default=None, help="key/value head counts the model may be converted to, e.g. 8,4")
+    g.add_argument("--no-quant", action="store_true", help="keep the weights in --dtype (no 8/4-bit weights)")
+    g.add_argument("--page-size", type=int, default=16, help="paged cache block size (default 16, vLLM's)")
+    g.add_argument("--device-memory", default=None, help="the device's memory, for vLLM's gpu_memory_utilization")
     p.set_defaults(run=_plan)
     args = parser.parse_args(argv)
     try:

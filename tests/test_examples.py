@@ -199,3 +199,15 @@ def test_fsdp_two_processes_match_one_and_halve_memory(cache):
     assert [r[0] for r in _table(two, "| rank | peak |")] == ["0", "1"]
     held = [int(out.rsplit("per-rank params+grads+optimizer bytes: ", 1)[1].split()[0]) for out in (one, two)]
     assert held[1] < 0.55 * held[0], held
+
+
+def test_generate_within_budget_fast():
+    out = _run("examples/generate_within_budget.py", "--fast")
+    assert "memopt.plan" in out and "kv cache" in out
+    measured = out.split("measured ", 1)[1]
+    assert "of the budget" in measured and int(measured.split("(", 1)[1].split("%")[0]) <= 100
+
+
+def test_kv_cache_benchmark_runs():
+    out = _run("benchmarks/kv_cache.py", "--fast")
+    assert out.count("| static") == 1 and "| paged" in out and "| fp8 |" in out

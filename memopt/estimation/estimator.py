@@ -31,10 +31,8 @@ import torch
 import torch.nn as nn
 
 from .._units import format_bytes, parse_bytes
-from ..precision import dtype_from_name, dtype_name
+from ..precision import dtype_from_name, dtype_name, resolve_precision
 from ..tracker import CATEGORIES, MemoryReport, track
-from .fake_step import _call
-from .kv_cache import kv_cache_bytes
 from .optimizers import OPTIMIZERS, optimizer_spec, state_bytes
 from .profile import DEVICES, MODES, Job, block_names, fake_model, make_job, train_step, warm_optimizer
 
@@ -233,6 +231,12 @@ def estimate(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    # mode="generate" only (memopt/estimation/generate.py):
+    kv_cache: Any = None,
+    new_tokens: int | None = None,
+    requests: Any = None,
+    max_concurrent_sequences: int | None = None,
+    kv_heads: Any = None,
 ) -> Estimate:
     """Predict the peak memory of a training step (or of generation) without allocating it.
 
@@ -261,6 +265,15 @@ def estimate(
             ``"generate"`` (weights, the KV cache of ``seq_len`` tokens for ``batch_size`` sequences, the prefill).
         checkpoint, attention, quant, lora, loss, blocks: as `memopt.apply` (``loss="chunked"``: the head and loss
             chunk by chunk, the logits never whole).
+        kv_cache: ``mode="generate"``: ``"dynamic"`` (default), ``"static"``, ``"fp8"``, ``"int4"``, ``"int2"``,
+            ``"paged"``, ``"offloaded"`` or a `memopt.KVCacheConfig` (group size, residual window, page size).
+        new_tokens: ``mode="generate"``: tokens generated per sequence (of ``seq_len``; default 1: a prompt of
+            ``seq_len - 1`` tokens, the largest prefill).
+        requests: ``mode="generate"``: ``[(prompt tokens, new tokens), ...]`` instead of one ``seq_len`` (paged:
+            the blocks they use; other caches: a batch padded to the longest).
+        max_concurrent_sequences: ``mode="generate"``: sequences in memory at once (default ``batch_size``, or
+            every request).
+        kv_heads: as `memopt.apply`: the model converted to this many key/value heads (GQA/MQA) first.
 
     Cost: one fake step (the optimizer's state is created by a step of the optimizer alone, without a forward):
     seconds for small models, ~5-10 s for a 7-8B config on 2 CPU cores, a few hundred MB of RAM.
@@ -269,6 +282,23 @@ def estimate(
         FileNotFoundError: the config path does not exist. ValueError: an option has an unknown value, or dtype and
         precision disagree.
     """
+    if mode == "generate":  # generation, its KV cache: memopt/estimation/generate.py
+        from .generate import estimate_generate
+
+        if precision is not None:  # generation keeps no master weights: the parameters' dtype is the precision
+            p, _ = resolve_precision(precision, dtype)
+            if p.mixed:
+                raise ValueError(f"precision={p.name!r} with mode='generate': mixed precision's float32 master "
+                                 f"weights are for training; generation runs in one dtype: use "
+                                 f"precision={p.name.replace('-mixed', '-true')!r}")
+            dtype = p.param_dtype
+        return estimate_generate(model, batch_size=batch_size, seq_len=seq_len, inputs=inputs, dtype=dtype,
+                                 device=device, attention=attention, quant=quant, lora=lora, kv_cache=kv_cache,
+                                 new_tokens=new_tokens, requests=requests,
+                                 max_concurrent_sequences=max_concurrent_sequences, kv_heads=kv_heads)
+    if any(v is not None for v in (kv_cache, new_tokens, requests, max_concurrent_sequences, kv_heads)):
+        raise ValueError("kv_cache=, new_tokens=, requests=, max_concurrent_sequences= (and here kv_heads=) are for "
+                         "mode='generate'")
     started = time.perf_counter()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -286,8 +316,6 @@ def estimate(
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         net, notes = fake_model(job, options)
-        if mode == "generate":
-            return _generate(net, job, options, notes, started)
         net.train()
         trainable = [p for p in net.parameters() if p.requires_grad]
         if not trainable:
@@ -323,28 +351,3 @@ def estimate(
                     batch_size, seq_len, world_size, mode, report.total("param_bytes"), None, None,
                     time.perf_counter() - started, notes, depth, job.precision.name, assumptions(job, optimizer),
                     not_counted(device, world_size, offload, optimizer))
-
-
-def _generate(net: nn.Module, job: Job, options: dict, notes: list[str], started: float) -> Estimate:
-    """``mode="generate"``: the prefill of ``batch_size`` sequences of ``seq_len`` tokens with the KV cache."""
-    net.eval()
-    batch = job.batch(net)
-    with torch.no_grad(), job.precision.autocast("cpu"):
-        with track(net, round_to=job.round_to) as tracker:
-            try:  # generate() computes the prefill's logits for the last position only
-                _call(net, {**batch, "logits_to_keep": 1} if isinstance(batch, dict) else batch)
-            except TypeError:
-                _call(net, batch)
-    report = tracker.report()
-    weights = report.total("param_bytes")
-    cache_dtype = job.precision.compute_dtype or job.precision.param_dtype
-    kv = kv_cache_bytes(job.config, job.batch_size, job.seq_len, cache_dtype) if job.config is not None else None
-    per_seq = max(1, (kv if kv is not None else report.peak_bytes - weights) // job.batch_size)
-    report.device = f"{job.device} (estimate)"
-    assumed = [f"precision {job.precision.name!r} (from {job.precision_from}): {job.precision.summary}",
-               "generation: weights, the KV cache and one prefill; no optimizer"]
-    return Estimate(report.peak_bytes, dict(report.peak_breakdown), report, options, "none", job.device,
-                    dtype_name(job.precision.param_dtype), job.batch_size, job.seq_len, job.world_size, job.mode,
-                    weights, kv, per_seq, time.perf_counter() - started, notes, _block_depth(net), job.precision.name,
-                    assumed, not_counted(job.device))
-

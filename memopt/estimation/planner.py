@@ -298,11 +298,11 @@ def _headroom(headroom: Any, budget: int, device: str) -> tuple[int, str, Callab
     return size, format_bytes(size), lambda peak: peak + size
 
 
-_RESERVED = ("quant", "lora", "mode")
+_RESERVED = ("quant", "lora")
 
 
 def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int = 512, device: str = "cuda",
-         headroom: Any = None, allow_lora: bool = True, **kwargs: Any) -> Plan:
+         headroom: Any = None, allow_lora: bool = True, mode: str = "train", **kwargs: Any) -> Plan:
     """The cheapest way to make a training step fit `budget`: see the module docstring for the search and its order.
 
     Args:
@@ -318,20 +318,28 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
             list of them (``precision=["bf16-mixed", "bf16-true"]`` searches both, the first preferred;
             ``optimizer="adamw"`` keeps torch AdamW). The precision defaults to the one `estimate` would assume
             (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
+        mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
+            settings (`memopt.estimation.generate.plan_generate`: new_tokens=, sequences=, kv_caches=,
+            allow_quant=, kv_heads=, page_size=, device_memory=); returns a `GeneratePlan`.
 
     Cost: parameters are sized without running anything; for each (precision, weights, checkpointing, loss) it
     reaches, one fake forward and backward at 3 and 4 layers (or at full depth when the layers differ); then one full
     `estimate` of the plan found. Under a minute for an 8B model on 2 CPU cores.
 
     Raises:
-        ValueError: a restriction names no option of its dimension, or `quant`/`lora`/`mode` is given (the plan
-        chooses them; ``allow_lora=False`` keeps full fine-tunes).
+        ValueError: a restriction names no option of its dimension, or `quant`/`lora` is given (the plan chooses
+        them; ``allow_lora=False`` keeps full fine-tunes).
     """
+    if mode == "generate":  # generation: memopt/estimation/generate.py
+        from .generate import plan_generate
+
+        if headroom is not None:
+            raise ValueError(f"plan(mode='generate', headroom={headroom!r}): the generate plan sizes the cache from "
+                             "the budget as given; pass the budget minus the headroom you want")
+        return plan_generate(model, budget, seq_len=seq_len, device=device, **kwargs)
+    if mode != "train":
+        raise ValueError(f"mode={mode!r} is not supported; use 'train' or 'generate'")
     started = time.perf_counter()
-    if "mode" in kwargs and kwargs["mode"] != "train":
-        raise ValueError(f"plan(mode={kwargs['mode']!r}): plan searches training steps; for generation use "
-                         "memopt.estimate(mode='generate') and Estimate.max_concurrent_sequences(budget)")
-    kwargs.pop("mode", None)
     for key in _RESERVED:
         if key in kwargs:
             raise ValueError(f"plan(..., {key}=...) is chosen by the plan; pass allow_lora=False to keep every weight "

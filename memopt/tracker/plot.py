@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .report import MemoryReport
 
 _COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52",
-            "autocast": "#8172b3", "other": "#8c8c8c"}
+            "autocast": "#8172b3", "kv_cache": "#937860", "other": "#8c8c8c"}
 _PHASE_COLOURS = {"forward": "#e8f0fb", "backward": "#fbeee8", "optimizer": "#eaf6ec"}
 
 
@@ -31,10 +31,11 @@ def plot_report(report: "MemoryReport", path: str, depth: int | None = None, tit
     x = range(len(rows))
     bottom = [0.0] * len(rows)
     for label, attr in (("params", "param_bytes"), ("grads", "grad_bytes"), ("optimizer", "optimizer_bytes"),
-                        ("activations", "activation_bytes"), ("autocast", "autocast_bytes")):
+                        ("activations", "activation_bytes"), ("autocast", "autocast_bytes"),
+                        ("kv_cache", "kv_cache_bytes")):
         values = [_mib(getattr(r, attr)) for r in rows]
-        if label == "autocast" and not any(values):
-            continue  # no autocast in this run: no empty legend entry
+        if label in ("autocast", "kv_cache") and not any(values):
+            continue  # none in this run: no empty legend entry
         bars.bar(x, values, bottom=bottom, color=_COLOURS[label], label=label)
         bottom = [b + v for b, v in zip(bottom, values)]
     bars.set_xticks(list(x), [r.name or "<root>" for r in rows], rotation=60, ha="right", fontsize=7)
@@ -53,6 +54,10 @@ def plot_report(report: "MemoryReport", path: str, depth: int | None = None, tit
                 line.axvspan(ops[start], ops[i - 1], color=_PHASE_COLOURS.get(phase, "white"), lw=0)
                 start = i
         line.plot(ops, live, color="black", lw=1)
+        if report.kv_cache_timeline:  # generation: the cache growing over the decode steps
+            kv_ops = [p[0] for p in report.kv_cache_timeline]
+            kv = [_mib(p[1]) for p in report.kv_cache_timeline]
+            line.fill_between(kv_ops, kv, step="post", color=_COLOURS["kv_cache"], alpha=0.6, lw=0, label="KV cache")
         top = max(range(len(live)), key=live.__getitem__)
         line.annotate(f"peak {live[top]:.1f} MiB", (ops[top], live[top]), fontsize=8,
                       xytext=(5, -12), textcoords="offset points")

@@ -12,9 +12,9 @@ from typing import Any
 
 from .._units import format_bytes
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "autocast", "other")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "autocast", "kv_cache", "other")
 # shown in printed reports only where they are not zero (the data always has every category)
-_OPTIONAL = ("autocast",)
+_OPTIONAL = ("autocast", "kv_cache")
 PHASES = ("forward", "backward", "optimizer")
 OUTSIDE = "(outside model)"
 
@@ -81,6 +81,9 @@ class LayerMemory:
         autocast_bytes: the copies of parameters its forward cast down to a narrower float (under
             `torch.autocast`, its weights' bf16/fp16 copies, kept for backward), in the step where they were largest;
             not part of ``activation_bytes``.
+        kv_cache_bytes: its layer of the KV cache during generation (an attention module's keys and values, with
+            a quantized cache's scales) at its largest; a paged cache's one flat tensor is split evenly over the
+            layers. Not part of ``activation_bytes``.
         peak_bytes: the highest live total on the device while it ran (forward, or backward).
         forward_s, backward_s: wall time inside it (children included), summed over the region (`table` shows
             them per step); None where it is not meaningful (CUDA's asynchronous kernels, fake tensors).
@@ -96,6 +99,7 @@ class LayerMemory:
     optimizer_bytes: int = 0
     activation_bytes: int = 0
     autocast_bytes: int = 0
+    kv_cache_bytes: int = 0
     peak_bytes: int = 0
     forward_s: float | None = None
     backward_s: float | None = None
@@ -120,6 +124,8 @@ class MemoryReport:
         totals: bytes by category at the end of the region.
         timeline: ``(op index, live bytes, phase)`` after each op that allocated, for the plot; in a long region
             thinned to at most 20,000 points, each the highest of the ops it stands for (`Timeline`).
+        kv_cache_timeline: ``(op index, KV cache bytes, phase)`` on the same op axis, where a KV cache was seen
+            (generation): the cache growing over the decode steps.
     """
 
     peak_bytes: int
@@ -131,6 +137,7 @@ class MemoryReport:
     totals: dict[str, int] = field(default_factory=dict)
     timeline: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
+    kv_cache_timeline: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
 
     def layer(self, name: str) -> LayerMemory:
         """The `LayerMemory` of FQN `name` (KeyError naming the known ones if there is none)."""
@@ -158,7 +165,7 @@ class MemoryReport:
             if row is None:
                 row = folded[key] = LayerMemory(key, layer.type if key == layer.name else "")
             for attr in ("params", "param_bytes", "trainable_bytes", "grad_bytes", "optimizer_bytes",
-                         "activation_bytes", "autocast_bytes"):
+                         "activation_bytes", "autocast_bytes", "kv_cache_bytes"):
                 setattr(row, attr, getattr(row, attr) + getattr(layer, attr))
             row.peak_bytes = max(row.peak_bytes, layer.peak_bytes)
             if key == layer.name:
@@ -184,12 +191,14 @@ class MemoryReport:
             head.append(f"  times: mean per step over {steps} step{'s' if steps != 1 else ''} (wall clock, children "
                         "included)")
         cast = any(layer.autocast_bytes for layer in self.layers)
+        kv = any(layer.kv_cache_bytes for layer in self.layers)
         cols = (["layer", "type", "params", "param", "grad", "optim", "activ"] + (["autocast"] if cast else [])
-                + ["peak"] + (["fwd ms/step", "bwd ms/step"] if timed else []))
+                + (["kv cache"] if kv else []) + ["peak"] + (["fwd ms/step", "bwd ms/step"] if timed else []))
         rows = []
         for r in self.rows(depth):
             row = [r.name or "<root>", r.type, f"{r.params:,}", b(r.param_bytes), b(r.grad_bytes),
                    b(r.optimizer_bytes), b(r.activation_bytes)] + ([b(r.autocast_bytes)] if cast else []) + \
+                  ([b(r.kv_cache_bytes)] if kv else []) + \
                   [b(r.peak_bytes)]
             if timed:
                 row += ["" if r.forward_s is None else f"{r.forward_s * 1e3 / steps:.1f}",
@@ -197,7 +206,8 @@ class MemoryReport:
             rows.append(row)
         total = ["total", "", f"{self.total('params'):,}", b(self.total("param_bytes")), b(self.total("grad_bytes")),
                  b(self.total("optimizer_bytes")), b(self.total("activation_bytes"))] + \
-                ([b(self.total("autocast_bytes"))] if cast else []) + [b(self.peak_bytes)]
+                ([b(self.total("autocast_bytes"))] if cast else []) + \
+                ([b(self.total("kv_cache_bytes"))] if kv else []) + [b(self.peak_bytes)]
         rows.append(total + ([""] * 2 if timed else []))
         widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -211,6 +221,7 @@ class MemoryReport:
         """Plain data (ints for bytes), JSON-ready; `from_dict` reads it back."""
         d = asdict(self)
         d["timeline"] = [list(p) for p in self.timeline]
+        d["kv_cache_timeline"] = [list(p) for p in self.kv_cache_timeline]
         return d
 
     @classmethod
@@ -218,6 +229,7 @@ class MemoryReport:
         d = dict(d)
         d["layers"] = [LayerMemory(**layer) for layer in d["layers"]]
         d["timeline"] = [tuple(p) for p in d.get("timeline", [])]
+        d["kv_cache_timeline"] = [tuple(p) for p in d.get("kv_cache_timeline", [])]
         return cls(**d)
 
     def to_json(self, path: str | None = None) -> str:

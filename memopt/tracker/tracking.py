@@ -15,6 +15,11 @@ step goes on:
     autocast     copies of parameters cast down to a narrower float (``aten._to_copy`` of a parameter's storage):
                  under `torch.autocast`, the bf16/fp16 weight copies it caches for the forward and matmuls keep
                  for backward; they stay in this category while they live (saved for backward or not)
+    kv_cache     the tensors of the KV cache objects (transformers' `Cache` classes, continuous batching's
+                 `PagedAttentionCache`) that attention modules receive as ``cache=`` during generation: each
+                 layer's keys and values (and a quantized cache's scales, a static cache's counters), filed under
+                 the attention module with that ``layer_idx`` (a paged cache is one flat tensor: each layer gets its
+                 share); `memopt.tracker.kv_cache` reads the objects
     other        temporaries and inputs
 
 Which layer. Module hooks (forward pre/post hooks; multi-grad hooks on each module's outputs and inputs for
@@ -46,6 +51,7 @@ from .. import _observe
 from .._log import warn_once
 from .._modules import compiled_parts
 from ..optim.in_backward import owner_of
+from . import kv_cache as _kv
 from ..transforms.quant import stored_tensors
 from .report import CATEGORIES, OUTSIDE, LayerMemory, MemoryReport, Timeline
 
@@ -82,6 +88,16 @@ _TO_COPY = torch.ops.aten._to_copy.default  # what autocast (and Tensor.to) runs
 def _compiles_its_step(opt: Any) -> bool:
     """torchao's low-bit optimizers run their update through torch.compile(fullgraph=True)."""
     return type(opt).__module__.startswith("torchao.")
+
+
+class _ThreadMode(_Mode):
+    """The tracker's mode in another thread (continuous batching's generation loop); inert once it is removed."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.tracker._mode is not None:
+            self.tracker._after_op(out, args, kwargs)
+        return out
 
 
 def _in_backward() -> bool:
@@ -190,6 +206,13 @@ class Tracker:
         self._steps = 0
         self._ops = 0
         self._timeline = Timeline(_TIMELINE_MAX)
+        # the KV cache of generation (see memopt.tracker.kv_cache): caches seen, the attention modules running with
+        # one (cache, layer_idx, module name), the largest bytes of each module's cache layer, the cache over time
+        self._caches: dict[int, weakref.ref] = {}
+        self._cache_frames: list[tuple[Any, int, str]] = []
+        self._kv_layer: dict[str, int] = {}
+        self._kv_timeline = Timeline(_TIMELINE_MAX)
+        self._cb_patch: tuple[Any, Any] | None = None
         self._post_bw_pending: list = []
         self._engine_callback = False
         self._handles: list = []
@@ -242,6 +265,7 @@ class Tracker:
         for module in self._names:
             self._handles.append(module.register_forward_pre_hook(self._pre_forward))
             self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        self._watch_caches()
         self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
         self._handles.append(register_optimizer_step_post_hook(self._post_step))
         self._orig_resize = torch.UntypedStorage.resize_
@@ -273,6 +297,10 @@ class Tracker:
         self._mode = None
         self._saved_hooks.__exit__(None, None, None)
         torch.UntypedStorage.resize_ = self._orig_resize
+        if self._cb_patch is not None:
+            cls, orig = self._cb_patch
+            cls._run_generation_loop = orig
+            self._cb_patch = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -385,6 +413,8 @@ class Tracker:
                     self._add(st, category, self._current, phase)
                     added = True
         if added:
+            if self._cache_frames:
+                self._cache_layer(*self._cache_frames[-1])
             self._record()
 
     def _record(self) -> None:
@@ -397,6 +427,86 @@ class Tracker:
             self._peak_breakdown = dict(self._totals)
             self._peak_at = {"module": self._current, "phase": self._phase}
         self._timeline.add(self._ops, live, self._phase)
+        if self._caches:
+            self._kv_timeline.add(self._ops, self._totals["kv_cache"], self._phase)
+
+    # -- the KV cache of generation ------------------------------------------------------------------------------
+    def _watch_caches(self) -> None:
+        """Hooks on the modules that update a cache (transformers' attention modules carry their ``layer_idx``) and
+        on the root (a cache passed in); continuous batching's generation thread runs under the tracker too."""
+        for module, name in self._names.items():
+            if name == "" or isinstance(getattr(module, "layer_idx", None), int):
+                self._handles.append(module.register_forward_pre_hook(self._cache_pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._cache_post, always_call=True))
+        import sys
+
+        api = sys.modules.get("transformers.generation.continuous_batching.continuous_api")
+        manager = getattr(api, "ContinuousBatchingManager", None)
+        orig = getattr(manager, "_run_generation_loop", None)
+        if orig is None or getattr(orig, "_memopt_tracker", None) is not None:
+            return
+        tracker = self
+
+        def run(manager_self: Any, *args: Any, **kwargs: Any) -> Any:  # dispatch modes are per thread
+            with _ThreadMode(tracker):
+                return orig(manager_self, *args, **kwargs)
+
+        run._memopt_tracker = self
+        manager._run_generation_loop = run
+        self._cb_patch = (manager, orig)
+
+    def _cache_pre(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        cache = _kv.find_cache(kwargs)
+        if cache is None:
+            return
+        if _kv.offloading_without_cuda(cache):
+            raise RuntimeError(_kv.OFFLOAD_ERROR)
+        name = self._names[module]
+        if id(cache) not in self._caches:  # first sight (a cache made before tracking too): all of it
+            self._caches[id(cache)] = weakref.ref(cache)
+            for i in range(_kv.num_layers(cache)):
+                self._cache_layer(cache, i, self._cache_owner(i, name))
+            self._record()
+        idx = getattr(module, "layer_idx", None)
+        if name and isinstance(idx, int):
+            self._cache_frames.append((cache, idx, name))
+            self._cache_layer(cache, idx, name)
+
+    def _cache_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self._names.get(module)
+        if self._cache_frames and self._cache_frames[-1][2] == name:
+            self._cache_layer(*self._cache_frames.pop())
+            self._record()
+
+    def _cache_owner(self, idx: int, default: str) -> str:
+        """The attention module that updates layer `idx` (the first module with that ``layer_idx``)."""
+        if not hasattr(self, "_layer_owner"):
+            self._layer_owner = {}
+            for module, name in self._names.items():
+                i = getattr(module, "layer_idx", None)
+                if name and isinstance(i, int):
+                    self._layer_owner.setdefault(i, name)
+        return self._layer_owner.get(idx, default)
+
+    def _cache_layer(self, cache: Any, idx: int, owner: str) -> None:
+        """File layer `idx` of `cache` under kv_cache, owned by `owner`; keep that layer's largest bytes."""
+        total, seen = 0, set()
+        for t in _kv.layer_tensors(cache, idx):
+            for st in self._on_device(t):
+                if st._cdata in seen:
+                    continue
+                seen.add(st._cdata)
+                info = self._live.get(st._cdata)
+                if info is None:
+                    info = self._add(st, "kv_cache", owner, self._phase)
+                elif info.category != "kv_cache" and info.category != "params":
+                    self._move(info, "kv_cache")
+                    info.owner = owner
+                total += info.nbytes
+        if _kv.is_shared(cache):  # one flat tensor for every layer: this layer's share
+            total //= max(1, _kv.num_layers(cache))
+        if total > self._kv_layer.get(owner, 0):
+            self._kv_layer[owner] = total
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         """Saved-tensors hook: autograd is keeping `t` for backward; it belongs to the innermost running module."""
@@ -656,13 +766,14 @@ class Tracker:
             layer.grad_bytes = self._grad_max.get(name, 0)
             layer.activation_bytes = act.get(name, 0)
             layer.autocast_bytes = cast.get(name, 0)
+            layer.kv_cache_bytes = self._kv_layer.get(name, 0)
             layer.peak_bytes = self._layer_peak.get(name, 0)
             layer.calls = self._calls.get(name, 0)
             if not self._cuda and not self._fake:
                 layer.forward_s = self._fwd_s.get(name)
                 layer.backward_s = self._bwd_s.get(name)
             if layer.param_bytes or layer.activation_bytes or layer.grad_bytes or layer.optimizer_bytes or \
-                    layer.autocast_bytes:
+                    layer.autocast_bytes or layer.kv_cache_bytes:
                 layers.append(layer)
         peak = self._peak
         notes = []
@@ -681,6 +792,7 @@ class Tracker:
             steps=self._steps,
             totals=dict(self._totals),
             timeline=self._timeline.points(),
+            kv_cache_timeline=self._kv_timeline.points(),
             notes=notes,
         )
 
