@@ -191,7 +191,6 @@ class _Offloading(ForwardPatch):
                 f"offload-{device.type}",
                 f"offload=True: this forward runs on {device.type}, where saved activations already live in host "
                 "memory; nothing is offloaded",
-                stacklevel=4,
             )
             return self.call_inner(*args, **kwargs)
         hooks = OffloadActivations(self.config, keep=[*self.module.parameters(), *self.module.buffers()])
@@ -215,7 +214,6 @@ def _apply(model: nn.Module, config: OffloadConfig, plan: None) -> list[Entry]:
         warn_once(
             "offload-no-cuda",
             "offload=True does nothing on a machine without CUDA: saved activations already live in host memory",
-            stacklevel=3,
         )
         return [Entry("offload", "", "skipped", "no CUDA device: activations already live in host memory")]
     install(model, _Offloading, config=config)
