@@ -10,16 +10,18 @@
 """
 
 from .api import applied, apply, remove
-from .config import AttentionConfig, CheckpointConfig, LoraSettings, LossConfig, QuantConfig
+from .config import AttentionConfig, CheckpointConfig, KVHeadsConfig, LoraSettings, LossConfig, QuantConfig
 from .estimation import Estimate, Plan, estimate, plan
 from .optim import optimizer
 from .tracker import LayerMemory, MemoryReport, compare, track
 from .transforms.attention import register_attention
+from .transforms.kv_heads import KVLayout, register_kv_heads
 from .transforms.loss import chunked_cross_entropy, register_loss
 
 __all__ = [
     "apply", "applied", "remove", "optimizer", "register_attention", "register_loss", "chunked_cross_entropy",
     "track", "compare", "estimate", "plan", "Estimate", "Plan",
     "AttentionConfig", "CheckpointConfig", "LoraSettings", "LossConfig", "QuantConfig", "MemoryReport", "LayerMemory",
+    "KVHeadsConfig", "KVLayout", "register_kv_heads",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """`apply`, `applied`, `remove`: normalise the arguments to configs, check them all, then run the transforms in order.
 
 The fixed order (lower first) and why:
-    quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40)
-Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
+    kv_heads (5) -> quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40)
+Converting to fewer key/value heads pools float weights, so it comes before quantization (which would leave
+nothing to pool) and LoRA (whose adapters would be sized for the old heads); a separate `apply(kv_heads=)` after them
+is refused. Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
 blocks whose identity does not change; the chunked loss patches the forward of the module that takes the labels
 (the model, outside the blocks) and finds the output head after quantization and LoRA have had their say on it (a
 head that either would change in the same call is refused when the plans are checked, before anything changes);
@@ -22,7 +24,8 @@ import torch.nn as nn
 from . import transforms as _transforms  # noqa: F401  (registers the transforms)
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import attention_config, checkpoint_config, lora_config, loss_config, quant_config, with_blocks
+from .config import (attention_config, checkpoint_config, kv_heads_config, lora_config, loss_config, quant_config,
+                     with_blocks)
 
 
 def apply(
@@ -34,6 +37,7 @@ def apply(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    kv_heads: Any = None,
 ) -> nn.Module:
     """Make `model` train in less memory. Changes it in place and returns the same object.
 
@@ -66,6 +70,13 @@ def apply(
             `memopt.LossConfig` (or `memopt.register_loss`), or call `memopt.chunked_cross_entropy` themselves.
         blocks: which modules are the blocks (FQN strings or globs, classes, or a predicate ``fn(name, module)``);
             default: found automatically.
+        kv_heads: convert the attention to this many key/value heads (GQA; ``1`` or ``"mqa"``: multi-query), in
+            place and for good: each group of ``heads / kv_heads`` contiguous key/value projection heads is
+            mean-pooled into one (or a `memopt.KVHeadsConfig` with ``pooling="first"``). The KV cache of generation
+            and the key/value projections shrink to ``kv_heads / heads`` of multi-head attention's; the outputs
+            change, so uptrain (a few % of the pre-training steps) before use. transformers models whose attention
+            reads ``config.num_key_value_heads`` (the config is updated: the model saves and loads as a plain GQA
+            checkpoint), or attention taught with `memopt.register_kv_heads`. Runs first, before quantization.
 
     Returns:
         `model`, changed in place. `memopt.applied(model)` says what was done to which layer.
@@ -73,7 +84,8 @@ def apply(
     Raises:
         TypeError: `model` is not an `nn.Module`.
         ValueError: an option has an unknown value, or `blocks=` matched nothing, or no blocks were found, or
-            `loss=` found no head it can use. The model is left untouched.
+            `loss=` found no head it can use, or `kv_heads=` does not divide the heads or the model's attention
+            cannot be converted. The model is left untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
@@ -83,6 +95,7 @@ def apply(
     configs = [
         c
         for c in (
+            kv_heads_config(kv_heads),
             quant_config(quant),
             lora_config(lora),
             attention_config(attention),
