@@ -191,6 +191,7 @@ def estimate(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    kv_heads: Any = None,
 ) -> Estimate:
     """Predict the peak memory of a training step (or of generation) without allocating it.
 
@@ -210,6 +211,8 @@ def estimate(
             ``"generate"`` (weights, the KV cache of ``seq_len`` tokens for ``batch_size`` sequences, the prefill).
         checkpoint, attention, quant, lora, loss, blocks: as `memopt.apply` (``loss="chunked"``: the head and loss
             chunk by chunk, the logits never whole).
+        kv_heads: as `memopt.apply`: the model converted to this many key/value heads first (smaller key/value
+            projections; with ``mode="generate"`` the KV cache is sized from the converted config).
 
     Cost: two fake steps (a warm-up that creates the optimizer state, and the tracked one); seconds for small
     models, ~15 s for a 7B config on 2 CPU cores, a few hundred MB of RAM.
@@ -260,6 +263,8 @@ def estimate(
         else:
             net = build_model(config, "meta", dtype)  # no init, no memory: fake tensors replace these
             _fake_like_meta(net)
+        if kv_heads is not None and kv_heads is not False:  # first, as in memopt.apply: before the quantization stand-ins
+            memopt_apply(net, kv_heads=kv_heads, attention=None)
         if qconfig is not None:
             done, skipped = _fake_quantize(net, qconfig)
             notes.append(f"quant={qconfig.name!r}: {done} layers stood in by bitsandbytes' exact storage layout "
@@ -272,6 +277,8 @@ def estimate(
             memopt_apply(net, **options)
         if qconfig is not None:
             options = {"quant": quant, **options}
+        if kv_heads is not None and kv_heads is not False:
+            options = {"kv_heads": kv_heads, **options}
         batch_fn = inputs if inputs is not None else lambda: _hf_batch(net, batch_size, seq_len, mode)
         dev_name = "cuda" if device == "cuda" else "cpu"
         round_to = 512 if device == "cuda" else None
@@ -287,7 +294,8 @@ def estimate(
                         _call(net, batch)
             report = tracker.report()
             weights = report.total("param_bytes")
-            kv = kv_cache_bytes(config, batch_size, seq_len, dtype or torch.float32) if config is not None else None
+            kv = (kv_cache_bytes(getattr(net, "config", config), batch_size, seq_len, dtype or torch.float32)
+                  if config is not None else None)  # the converted config with kv_heads=
             per_seq = max(1, (kv if kv is not None else report.peak_bytes - weights) // batch_size)
             report.device = f"{device} (estimate)"
             return Estimate(report.peak_bytes, dict(report.peak_breakdown), report, options, "none", dev_name,
