@@ -2,9 +2,9 @@
 
 The fixed order (lower first) and why:
     kv_heads (5) -> quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40)
-Converting to fewer key/value heads pools float weights, so it comes before quantization (which would leave
-nothing to pool) and LoRA (whose adapters would be sized for the old heads); a separate `apply(kv_heads=)` after them
-is refused. Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
+Converting to fewer key/value heads pools float weights: before quantization (nothing to pool after it) and LoRA
+(adapters sized for the old heads); `apply(kv_heads=)` after either is refused.
+Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
 blocks whose identity does not change; the chunked loss patches the forward of the module that takes the labels
 (the model, outside the blocks) and finds the output head after quantization and LoRA have had their say on it (a
 head that either would change in the same call is refused when the plans are checked, before anything changes);

@@ -142,22 +142,19 @@ def _kv_model_types() -> list[str]:
 
 # Architectures memopt refuses, and why (a substring of the error). Every refusal must be listed here.
 REFUSED = {
-    # multi-head latent attention: keys and values come from a shared latent, one per query head
-    **{t: "nothing to pool" for t in ("axk2", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm5_next",
-                                      "glm5_next_text", "hy_v4", "kimi_linear", "mistral_large4_text", "sarvam_mla",
-                                      "kimi_k25", "mistral4", "youtu", "axk1", "longcat_flash")},
-    "dots3_note_text": "nothing to pool",
+    # multi-head latent attention: keys and values come from a shared latent, one per query head (sarvam_mla is
+    # DeepSeek-V3's class)
+    **{t: "nothing to pool" for t in ("axk2", "deepseek_v2", "dots3_note_text", "glm4_moe_lite", "hy_v4", "kimi_linear",
+                                      "mistral4", "mistral_large4_text", "sarvam_mla")},
     # MLA too, with a part per key/value head that the rest of the architecture does not follow
     **{t: "its own forward fails with 2 key/value heads" for t in ("minicpm3", "deepseek_v32", "glm_moe_dsa")},
     "bailing_hybrid": "its own forward fails with 2 key/value heads",
-    "esmc": "its own forward fails with 2 key/value heads",  # k_norm over all query heads' width
+    "esmc": "its own forward fails with 2 key/value heads",  # k_norm as wide as all query heads
     "deepseek_v4": "does not read config.num_key_value_heads",
-    "moonshine": "does not read config.num_key_value_heads",
     "doge": "a layout memopt does not know",  # dt_proj: (kv heads, kv heads x head_dim)
     "jetmoe": "does not share each key/value head among a contiguous group",  # mixture of attention heads
     "embedding_gemma2_text": "cannot be read as one number for every layer",
     "whisper": "another name for encoder_attention_heads",
-    "voxtral_realtime_encoder": "another name for num_attention_heads",
 }
 H, K0, K = 4, 4, 2
 
@@ -358,8 +355,10 @@ def test_current_number_of_kv_heads_is_bit_identical(name):
 
 
 @pytest.mark.parametrize("value, match", [
-    (3, r"kv_heads=3 does not divide the 8 attention heads and 4 key/value heads of LlamaForCausalLM.*use one of \[1, 2, 4\]"),
-    (8, r"kv_heads=8 is more than the 4 key/value heads of LlamaForCausalLM.*cannot split them; use one of \[1, 2, 4\]"),
+    (3, r"kv_heads=3 does not divide the 8 attention heads and 4 key/value heads of LlamaForCausalLM.*"
+        r"use one of \[1, 2, 4\]"),
+    (8, r"kv_heads=8 is more than the 4 key/value heads of LlamaForCausalLM.*cannot split them; "
+        r"use one of \[1, 2, 4\]"),
     (16, r"kv_heads=16 is more than the 4 key/value heads"),
     (0, r"kv_heads=0 is not supported; use a positive int"),
     (-2, r"kv_heads=-2 is not supported; use a positive int"),
@@ -376,7 +375,8 @@ def test_bad_kv_heads_raise_and_leave_the_model_untouched(value, match):
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError, match=r"KVHeadsConfig\(pooling='median'\) is not supported; use one of \('mean', 'first'\)"):
+    with pytest.raises(ValueError, match=r"KVHeadsConfig\(pooling='median'\) is not supported; use one of "
+                                         r"\('mean', 'first'\)"):
         memopt.KVHeadsConfig(2, pooling="median")
     with pytest.raises(ValueError, match=r"kv_heads=0 is not supported"):
         memopt.KVHeadsConfig(0)
@@ -404,8 +404,9 @@ def test_architectures_without_kv_heads_are_refused_before_anything_changes(name
 def test_hand_written_model_without_a_registered_attention_is_refused():
     model, *_ = nanogpt()
     state = _state(model)
-    with pytest.raises(ValueError, match=r"kv_heads=2: NanoGPT is not a transformers model and none of its modules is "
-                                         r"an attention memopt knows how to convert; teach it with memopt.register_kv_heads"):
+    with pytest.raises(ValueError, match=r"kv_heads=2: NanoGPT is not a transformers model and none of its modules "
+                                         r"is an attention memopt knows how to convert; teach it with "
+                                         r"memopt.register_kv_heads"):
         memopt.apply(model, kv_heads=2)
     _assert_untouched(model, state)
 

@@ -204,8 +204,8 @@ def _segments_of(spec: Any, name: str, cls: str) -> tuple[tuple[int, int, int], 
         elif isinstance(item, tuple) and len(item) == 3 and all(isinstance(v, int) for v in item):
             out.append(item)
         else:
-            raise TypeError(f"KVLayout.tensors[{name!r}] of {cls} is {spec!r}; give a dim (int), a (dim, start, stop) "
-                            "slice or a list of slices")
+            raise TypeError(f"KVLayout.tensors[{name!r}] of {cls} is {spec!r}; give a dim (int), a (dim, start, "
+                            "stop) slice or a list of slices")
     return tuple(out)
 
 
@@ -213,13 +213,15 @@ def _registered_unit(fqn: str, module: nn.Module, fn: Callable, k: int) -> _Unit
     cls = type(module).__name__
     layout = fn(module)
     if not isinstance(layout, KVLayout):
-        raise TypeError(f"the register_kv_heads function of {cls} returned {type(layout).__name__}, not a memopt.KVLayout")
+        raise TypeError(f"the register_kv_heads function of {cls} returned {type(layout).__name__}, not a "
+                        "memopt.KVLayout")
     _check_k(k, layout.heads, layout.kv_heads, f"{fqn or '<root>'} ({cls})")
     unit = _Unit(fqn, cls, layout.heads, layout.kv_heads, update=layout.update)
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     for name, spec in layout.tensors.items():
         if name not in tensors:
-            raise ValueError(f"KVLayout.tensors names {name!r}, which {cls} does not have; it has {sorted(tensors)[:8]}")
+            raise ValueError(f"KVLayout.tensors names {name!r}, which {cls} does not have; it has "
+                             f"{sorted(tensors)[:8]}")
         t = tensors[name]
         segments = []
         for dim, start, stop in _segments_of(spec, name, cls):
@@ -345,8 +347,8 @@ def _transformers_plan(model: nn.Module, config: KVHeadsConfig, units: list[_Uni
         kv = getattr(text, "num_key_value_heads", None)
         heads = getattr(text, "num_attention_heads", None)
     except Exception as exc:  # noqa: BLE001 (transformers' per-layer configs refuse a global read)
-        raise _refuse(model, f"its config's head counts cannot be read as one number for every layer ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200]})", k) from None
+        raise _refuse(model, "its config's head counts cannot be read as one number for every layer "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", k) from None
     if kv is None or heads is None:
         if units:
             return _Plan([u for u in units if u.kv_heads != k], [], [], units[0].heads, units[0].kv_heads,
@@ -409,9 +411,9 @@ def _transformers_plan(model: nn.Module, config: KVHeadsConfig, units: list[_Uni
         real_owner = real_modules.get(owner_name)
         if real is None or real_owner is None or type(real_owner) is not type(old_modules[owner_name]):
             got = "missing" if real_owner is None else f"a {type(real_owner).__name__}"
-            raise _refuse(model, f"{owner_name} is {got}, not the {owner_cls} its architecture builds (quantized, given "
-                                 "LoRA adapters, or changed otherwise); convert first: pass kv_heads= in the same "
-                                 "memopt.apply call as quant=/lora= (it runs first), or before them", k)
+            raise _refuse(model, f"{owner_name} is {got}, not the {owner_cls} its architecture builds (quantized, "
+                                 "given LoRA adapters, or changed otherwise); convert first: pass kv_heads= in the "
+                                 "same memopt.apply call as quant=/lora= (it runs first), or before them", k)
         if real.shape != t.shape:
             raise _refuse(model, f"{tname} has shape {tuple(real.shape)}, not the {tuple(t.shape)} its config "
                                  "describes", k)
