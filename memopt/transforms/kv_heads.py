@@ -376,6 +376,30 @@ def _transformers_plan(model: nn.Module, config: KVHeadsConfig, units: list[_Uni
         raise _refuse(model, f"its own forward fails with {k} key/value heads (on the meta device: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the architecture does not "
                              "support grouped-query attention", k)
+    converted, loose = _diff(model, old, new, heads, kv, k, registered)
+    new_modules = dict(new.named_modules(remove_duplicate=False))
+    for u in converted:
+        groups = getattr(new_modules.get(u.fqn), "num_key_value_groups", None)
+        if isinstance(groups, int) and groups != heads // k:
+            raise _refuse(model, f"{u.fqn} ({u.cls}) does not share each key/value head among a contiguous group of "
+                                 f"query heads (its num_key_value_groups is {groups} with {k} key/value heads, not "
+                                 f"{heads // k}): pooling would not give it grouped-query attention", k)
+    if not converted and not units:
+        if loose:
+            raise _refuse(model, "none of its key/value projections has num_key_value_heads heads (its attention "
+                                 "derives keys and values per query head, as multi-head latent attention does): "
+                                 "there is nothing to pool", k)
+        raise _refuse(model, f"its attention does not read config.num_key_value_heads (nothing in {name} depends on "
+                             "it)", k)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    all_units = sorted(converted + [u for u in units if u.kv_heads != k], key=lambda u: order.get(u.fqn, 0))
+    return _Plan(all_units, _configs(model, text, kv), loose, heads, kv, False)
+
+
+def _diff(model: nn.Module, old: nn.Module, new: nn.Module, heads: int, kv: int, k: int,
+          registered: set[str]) -> tuple[list[_Unit], list[tuple[str, str, Any]]]:
+    """What differs between the meta twins with kv and k key/value heads, checked against the real model: the
+    tensors to pool, grouped by attention module, and the attribute changes outside any of them."""
     old_t, new_t = _tensors(old), _tensors(new)
     if old_t.keys() != new_t.keys():
         extra = sorted(old_t.keys() ^ new_t.keys())[:4]
@@ -440,27 +464,7 @@ def _transformers_plan(model: nn.Module, config: KVHeadsConfig, units: list[_Uni
             change = (mname, key, a_new.get(key))
             unit = next((u for u in by_unit.values() if mname == u.fqn or mname.startswith(u.fqn + ".")), None)
             (unit.attrs if unit is not None else loose).append(change)
-    converted = [u for u in by_unit.values() if u.pools]
-    for u in converted:
-        groups = getattr(new_modules.get(u.fqn), "num_key_value_groups", None)
-        if isinstance(groups, int) and groups != heads // k:
-            raise _refuse(model, f"{u.fqn} ({u.cls}) does not share each key/value head among a contiguous group of "
-                                 f"query heads (its num_key_value_groups is {groups} with {k} key/value heads, not "
-                                 f"{heads // k}): pooling would not give it grouped-query attention", k)
-    if not converted and not units:
-        if any(u.attrs for u in by_unit.values()) or loose:
-            raise _refuse(model, "none of its key/value projections has num_key_value_heads heads (its attention "
-                                 "derives keys and values per query head, as multi-head latent attention does): "
-                                 "there is nothing to pool", k)
-        raise _refuse(model, f"its attention does not read config.num_key_value_heads (nothing in {name} depends on "
-                             "it)", k)
-    for u in by_unit.values():  # attribute changes in modules that hold no pooled tensor go with the model
-        if not u.pools:
-            loose += u.attrs
-    configs = _configs(model, text, kv)
-    order = {n: i for i, n in enumerate(real_modules)}
-    all_units = sorted(converted + [u for u in units if u.kv_heads != k], key=lambda u: order.get(u.fqn, 0))
-    return _Plan(all_units, configs, loose, heads, kv, False)
+    return list(by_unit.values()), loose
 
 
 def _configs(model: nn.Module, text: Any, kv: int) -> list[Any]:
