@@ -18,7 +18,10 @@ Which models:
   the twin's value. An architecture where nothing depends on ``num_key_value_heads`` (GPT-2, OPT, GPT-NeoX, BERT,
   T5: their configs have no such field), or where only head counts do (multi-head latent attention: its keys and
   values come from a shared latent, one per query head), or whose changed tensors are laid out in a way memopt does
-  not know, is refused before anything changes, with the reason.
+  not know, or that does not share key/value heads among contiguous query heads (``num_key_value_groups`` is not
+  ``heads / K``: JetMoe), or whose own forward fails with K heads where it runs with the current number (both twins
+  run on the meta device where the architecture's mask code allows it: ESM-C), is refused before anything changes,
+  with the reason.
 - hand-written attention taught with `register_kv_heads(cls, fn)`: ``fn(module)`` returns a `KVLayout` naming the
   module's key/value tensors.
 
