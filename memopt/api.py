@@ -1,7 +1,9 @@
 """`apply`, `applied`, `remove`: normalise the arguments to configs, check them all, then run the transforms in order.
 
 The fixed order (lower first) and why:
-    quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40) -> offload (50)
+    kv_heads (5) -> quantize (10) -> LoRA (20) -> attention (30) -> loss (35) -> checkpoint (40) -> offload (50)
+Converting to fewer key/value heads pools float weights: before quantization (nothing to pool after it) and LoRA
+(adapters sized for the old heads); `apply(kv_heads=)` after either is refused.
 Quantization swaps Linear layers, so LoRA must see the quantized layers to wrap them; attention is rerouted inside
 blocks whose identity does not change; the chunked loss patches the forward of the module that takes the labels
 (the model, outside the blocks) and finds the output head after quantization and LoRA have had their say on it (a
@@ -25,7 +27,8 @@ from . import transforms as _transforms  # noqa: F401  (registers the transforms
 from ._modules import uncompiled
 from ._record import Applied, record_of
 from ._registry import transform_for, transforms
-from .config import (attention_config, checkpoint_config, lora_config, loss_config, offload_config, quant_config,
+from .config import (attention_config, checkpoint_config, kv_heads_config, lora_config, loss_config, offload_config,
+                     quant_config,
                      with_blocks)
 
 
@@ -39,6 +42,7 @@ def apply(
     loss: Any = None,
     blocks: Any = None,
     offload: Any = None,
+    kv_heads: Any = None,
 ) -> nn.Module:
     """Make `model` train in less memory. Changes it in place and returns the same object.
 
@@ -75,6 +79,13 @@ def apply(
             backward outside checkpointed regions (with ``checkpoint=``: the blocks' inputs) waits in pinned host
             memory, copied on side streams that overlap compute. GPU memory loses those activations; each costs a
             copy each way. On a CPU-only machine it does nothing and warns once.
+        kv_heads: convert the attention to this many key/value heads (GQA; ``1`` or ``"mqa"``: multi-query), in
+            place and for good: each group of ``heads / kv_heads`` contiguous key/value projection heads is
+            mean-pooled into one (or a `memopt.KVHeadsConfig` with ``pooling="first"``). The KV cache of generation
+            and the key/value projections shrink to ``kv_heads / heads`` of multi-head attention's; the outputs
+            change, so uptrain (a few % of the pre-training steps) before use. transformers models whose attention
+            reads ``config.num_key_value_heads`` (the config is updated: the model saves and loads as a plain GQA
+            checkpoint), or attention taught with `memopt.register_kv_heads`. Runs first, before quantization.
 
     Returns:
         `model`, changed in place. `memopt.applied(model)` says what was done to which layer. A model already
@@ -84,24 +95,26 @@ def apply(
     Raises:
         TypeError: `model` is not an `nn.Module`.
         ValueError: an option has an unknown value, or `blocks=` matched nothing, or no blocks were found, or
-            `loss=` found no head it can use. The model is left untouched.
+            `loss=` found no head it can use, or `kv_heads=` does not divide the heads or the model's attention
+            cannot be converted. The model is left untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.apply expects an nn.Module, got {type(model).__name__}")
     target = uncompiled(model)
     _apply(target, checkpoint=checkpoint, attention=attention, quant=quant, lora=lora, loss=loss, blocks=blocks,
-           offload=offload)
+           offload=offload, kv_heads=kv_heads)
     return model
 
 
 def _apply(model: nn.Module, *, checkpoint: Any, attention: Any, quant: Any, lora: Any, loss: Any,
-           blocks: Any, offload: Any) -> None:
+           blocks: Any, offload: Any, kv_heads: Any) -> None:
     ckpt = checkpoint_config(checkpoint)
     if ckpt is None and blocks is not None:
         raise ValueError("blocks= was given but checkpoint= is off; pass checkpoint=True (or a policy) to use it")
     configs = [
         c
         for c in (
+            kv_heads_config(kv_heads),
             quant_config(quant),
             lora_config(lora),
             attention_config(attention),

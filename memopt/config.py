@@ -358,6 +358,58 @@ def loss_config(value: Any) -> LossConfig | None:
     )
 
 
+KV_POOLING = ("mean", "first")
+
+
+@dataclass(frozen=True)
+class KVHeadsConfig:
+    """Multi-head (or grouped-query) attention converted to fewer key/value heads, in place (`kv_heads=K` is a
+    shorthand for `KVHeadsConfig(K)`, `kv_heads="mqa"` for `KVHeadsConfig(1)`): GQA/MQA from a multi-head checkpoint
+    (Ainslie et al. 2023).
+
+    Memory: the KV cache of generation is 2 x layers x kv_heads x head_dim x tokens x bytes, so it shrinks to
+    ``kv_heads / heads`` of multi-head attention's; the key and value projections shrink alike. Cost: one pass over
+    the key/value weights at conversion (plus two models built on the meta device to read the architecture's
+    layout); the converted model is no slower (its attention reads fewer keys and values). Quality: the conversion
+    changes the model's outputs; uptrain it (the paper: ~5% of the pre-training steps) to win most of it back.
+
+    Args:
+        kv_heads: key/value heads after conversion. Must divide the number of query heads and the current number of
+            key/value heads (GQA-8 -> GQA-2 pools groups of 4); 1 is multi-query attention.
+        pooling: how each group of ``current / kv_heads`` contiguous heads (the grouping transformers' ``repeat_kv``
+            assumes) becomes one: ``"mean"`` averages their projections (the paper's choice: the best start for
+            uptraining), ``"first"`` keeps the first head of each group (the paper's ablation).
+    """
+
+    kv_heads: int
+    pooling: str = "mean"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) or self.kv_heads < 1:
+            raise ValueError(f"kv_heads={self.kv_heads!r} is not supported; use a positive int number of key/value "
+                             "heads that divides the model's attention heads (1 = multi-query attention)")
+        if self.pooling not in KV_POOLING:
+            raise ValueError(f"KVHeadsConfig(pooling={self.pooling!r}) is not supported; use one of {KV_POOLING}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kv_heads} ({self.pooling})"
+
+
+def _kv_heads_shorthand(value: Any) -> KVHeadsConfig | None:
+    if value == "mqa":
+        return KVHeadsConfig(1)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return KVHeadsConfig(value)  # raises for K < 1, naming the value
+    return None
+
+
+def kv_heads_config(value: Any) -> KVHeadsConfig | None:
+    """Normalise the ``kv_heads=`` argument of `memopt.apply`."""
+    return _normalise("kv_heads", value, KVHeadsConfig, _kv_heads_shorthand,
+                      "a positive int (e.g. kv_heads=2), 'mqa' (= 1), None or memopt.KVHeadsConfig(...)")
+
+
 _CHECKPOINT_SHORTHANDS: dict[Any, Callable[[], CheckpointConfig]] = {
     "full": CheckpointConfig,
     "selective": lambda: CheckpointConfig(policy="selective"),

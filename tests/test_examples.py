@@ -211,3 +211,34 @@ def test_generate_within_budget_fast():
 def test_kv_cache_benchmark_runs():
     out = _run("benchmarks/kv_cache.py", "--fast")
     assert out.count("| static") == 1 and "| paged" in out and "| fp8 |" in out
+
+
+def test_uptrain_gqa_converts_uptrains_and_reports(tmp_path, cache):
+    out = _run("examples/uptrain_gqa.py", "--max-files", "40", "--seq-len", "32", "--batch-size", "4",
+               "--eval-batches", "2", "--mha-steps", "40", "--eval-points", "2", "--gen-context", "48",
+               "--gen-tokens", "3", "--gen-batch", "2", "--threads", "1", "--cache-dir", cache, "--out", str(tmp_path),
+               "--quiet")
+    rows = {r[0]: r for r in _table(out, "| model | kv heads | pooling |")}
+    assert list(rows) == ["MHA (+ the same steps, control)", "GQA-4 mean", "GQA-4 first", "GQA-2 mean",
+                          "GQA-2 first", "MQA mean", "MQA first"]
+    assert [rows[n][7] for n in ("GQA-4 mean", "GQA-2 mean", "MQA mean")] == ["0.5000x", "0.2500x", "0.1250x"]
+    assert "target: KV cache exactly K/H of the MHA's: met" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["uptrain_steps"] == 2 and len(results["runs"]["MQA mean"]["curve"]) == 3
+    assert (tmp_path / "uptrain.png").read_bytes()[:4] == b"\x89PNG"
+    # the saved MHA model is reused by a second run, converted and uptrained again
+    again = _run("examples/uptrain_gqa.py", "--mha", str(tmp_path / "mha"), "--max-files", "40", "--seq-len", "32",
+                 "--batch-size", "4", "--eval-batches", "2", "--kv-heads", "2", "--eval-points", "1",
+                 "--gen-context", "48", "--gen-tokens", "3", "--gen-batch", "2", "--threads", "1", "--cache-dir", cache,
+                 "--out", str(tmp_path / "again"), "--quiet")
+    assert f"MHA model: {tmp_path / 'mha'} (40 training steps)" in again
+    assert float(again.split("MHA validation loss ", 1)[1].split(";")[0]) == pytest.approx(results["mha_val_loss"], abs=1e-4)
+
+
+def test_gqa_benchmark_runs():
+    out = _run("benchmarks/gqa.py", "--hidden", "64", "--layers", "2", "--vocab", "256", "--contexts", "32",
+               "--batch", "2", "--new-tokens", "3", "--steps", "1", "--clock", "cpu", "--threads", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| MHA") or line.startswith("| kv_heads=")]
+    assert [r[1].strip() for r in rows] == ["MHA", "kv_heads=4", "kv_heads=2", "kv_heads=1"]
+    assert [r[4].strip() for r in rows] == ["1.0000x", "0.5000x", "0.2500x", "0.1250x"]
+    assert "KV cache exactly K/H of the MHA's: met; memopt.estimate predicts it exactly: met" in out

@@ -273,7 +273,8 @@ def estimate(
             the blocks they use; other caches: a batch padded to the longest).
         max_concurrent_sequences: ``mode="generate"``: sequences in memory at once (default ``batch_size``, or
             every request).
-        kv_heads: as `memopt.apply`: the model converted to this many key/value heads (GQA/MQA) first.
+        kv_heads: as `memopt.apply`: the model converted to this many key/value heads (GQA/MQA) first (smaller
+            key/value projections; with ``mode="generate"`` the KV cache is sized from the converted config).
 
     Cost: one fake step (the optimizer's state is created by a step of the optimizer alone, without a forward):
     seconds for small models, ~5-10 s for a 7-8B config on 2 CPU cores, a few hundred MB of RAM.
@@ -296,9 +297,8 @@ def estimate(
                                  device=device, attention=attention, quant=quant, lora=lora, kv_cache=kv_cache,
                                  new_tokens=new_tokens, requests=requests,
                                  max_concurrent_sequences=max_concurrent_sequences, kv_heads=kv_heads)
-    if any(v is not None for v in (kv_cache, new_tokens, requests, max_concurrent_sequences, kv_heads)):
-        raise ValueError("kv_cache=, new_tokens=, requests=, max_concurrent_sequences= (and here kv_heads=) are for "
-                         "mode='generate'")
+    if any(v is not None for v in (kv_cache, new_tokens, requests, max_concurrent_sequences)):
+        raise ValueError("kv_cache=, new_tokens=, requests=, max_concurrent_sequences= are for mode='generate'")
     started = time.perf_counter()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -311,8 +311,9 @@ def estimate(
         raise ValueError(f"optimizer={optimizer!r} needs CUDA (its state lives in CUDA unified memory); with "
                          "device='cpu' use 'adamw8bit'")
     quant_config(quant)  # a bad value raises before anything is built
-    options = {k: v for k, v in dict(quant=quant, checkpoint=checkpoint, attention=attention, lora=lora, loss=loss,
-                                     blocks=blocks).items() if v not in (None, False) or k == "attention"}
+    options = {k: v for k, v in dict(kv_heads=kv_heads, quant=quant, checkpoint=checkpoint, attention=attention,
+                                     lora=lora, loss=loss, blocks=blocks).items()
+               if v not in (None, False) or k == "attention"}
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         net, notes = fake_model(job, options)

@@ -117,6 +117,9 @@ def fake_model(job: Job, options: dict, layers: int | None = None) -> tuple[nn.M
         net = build_model(config, "meta", job.precision.param_dtype)  # no init, no memory
         _fake_like_meta(net)
     options = dict(options)
+    kv_heads = options.pop("kv_heads", None)
+    if kv_heads is not None and kv_heads is not False:  # first, as in memopt.apply: before the quantization stand-ins
+        memopt_apply(net, kv_heads=kv_heads, attention=None)
     quant = options.pop("quant", None)
     qconfig = quant_config(quant)
     if qconfig is not None:

@@ -1,3 +1,3 @@
 """One module per technique; importing this package registers them all."""
 
-from . import attention, checkpoint, lora, loss, offload, quant  # noqa: F401
+from . import attention, checkpoint, kv_heads, lora, loss, offload, quant  # noqa: F401
