@@ -158,6 +158,25 @@ def test_function_compiles_into_one_graph(kwargs):
         torch.testing.assert_close(got, want)
 
 
+def test_a_dynamic_token_count_recompiles_per_chunk_count_not_per_length():
+    """The chunk loop is unrolled in the graph: with a dynamic token count (Dynamo's automatic dynamic shapes after a
+    second length) only the number of chunks is guarded, so 18 to 24 tokens (three chunks of 8) share one graph (17
+    too, but its last chunk of one token is a size Dynamo specialises, as everywhere)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(VOCAB, 16, generator=g, requires_grad=True)
+    f = lambda h, y: memopt.chunked_cross_entropy(h, w, y, chunk_size=CHUNK)  # noqa: E731
+    torch._dynamo.reset()
+    graphs = _Graphs()
+    compiled = torch.compile(f, backend=graphs)
+    for tokens, frames in ((16, 1), (20, 2), (18, 2), (24, 2), (26, 3)):
+        h = torch.randn(tokens, 16, generator=g, requires_grad=True)
+        y = torch.randint(0, VOCAB, (tokens,), generator=g)
+        loss = compiled(h, y)
+        torch.testing.assert_close(loss, f(h, y))
+        torch.testing.assert_close(torch.autograd.grad(loss, [h, w]), torch.autograd.grad(f(h, y), [h, w]))
+        assert graphs.frames == frames, tokens
+
+
 def test_wrong_ignore_index_under_compile_names_the_fix():
     """nanoGPT's -1 padding with the default ignore_index: an in-graph assertion naming ignore_index, not an
     index-out-of-bounds error."""

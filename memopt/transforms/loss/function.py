@@ -30,9 +30,23 @@ REDUCTIONS = ("mean", "sum", "none")
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens per chunk when none is given: one chunk's float32 logits about the size of the hidden states
     (Liger-Kernel's rule: tokens / ceil(vocab / hidden), rounded up to a power of two), and at least 256 tokens so that
-    the matmuls stay large enough to run at full speed."""
-    per = max(1, math.ceil(tokens / max(1, math.ceil(vocab / hidden))))
-    return max(256, 1 << (per - 1).bit_length())
+    the matmuls stay large enough to run at full speed. Integer comparisons only: under torch.compile with a dynamic
+    token count this guards the power-of-two bucket, not the count itself."""
+    per = -(-tokens // max(1, -(-vocab // hidden)))  # ceil(tokens / ceil(vocab / hidden))
+    size = 256
+    while size < per:
+        size *= 2
+    return size
+
+
+def _spans(tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of tokens. Under torch.compile with a dynamic token count the loop (unrolled in
+    the graph) guards the number of chunks only, so every count of tokens with that many chunks reuses the graph."""
+    spans = []
+    for j in range(-(-tokens // chunk)):
+        start = j * chunk
+        spans.append((start, torch.sym_min(start + chunk, tokens)))
+    return spans
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,8 @@ def _loss_only(hidden, weight, bias, labels, scale, opts) -> torch.Tensor:
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        losses = [
-            _chunk(hidden[i : i + opts.chunk_size].to(dtype), w, b, labels[i : i + opts.chunk_size], opts, None)[0]
-            for i in range(0, hidden.shape[0], opts.chunk_size)
-        ]
+        losses = [_chunk(hidden[i:j].to(dtype), w, b, labels[i:j], opts, None)[0]
+                  for i, j in _spans(hidden.shape[0], opts.chunk_size)]
     loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
     return loss if opts.reduction == "none" else loss.sum() * scale
 
@@ -162,17 +174,17 @@ def _forward_with_grads(hidden, weight, bias, labels, scale, opts, need_h, need_
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    row_scale = scale.to(torch.float32).expand(min(opts.chunk_size, hidden.shape[0]))
+    row_scale = scale.to(torch.float32).expand(torch.sym_min(opts.chunk_size, hidden.shape[0]))
     with torch.autocast(hidden.device.type, enabled=False):
-        for i in range(0, hidden.shape[0], opts.chunk_size):
-            h = hidden[i : i + opts.chunk_size].to(dtype)  # (C, H)
-            loss, g = _chunk(h, w, b, labels[i : i + opts.chunk_size], opts, row_scale[: h.shape[0]])
+        for i, j in _spans(hidden.shape[0], opts.chunk_size):
+            h = hidden[i:j].to(dtype)  # (C, H)
+            loss, g = _chunk(h, w, b, labels[i:j], opts, row_scale[: j - i])
             total += loss.sum()
             if need_b:
                 grad_b += g.sum(0)
             g = g.to(dtype)  # (C, V): the head's backward runs in its forward dtype, as F.linear's would
             if need_h:
-                grad_h[i : i + h.shape[0]] = g @ w  # (C, H)
+                grad_h[i:j] = g @ w  # (C, H)
             if need_w:
                 if dtype == torch.float32:
                     grad_w.addmm_(g.t(), h)  # (V, H) += (V, C) @ (C, H)
@@ -193,14 +205,14 @@ def _grads_per_token(hidden, weight, bias, labels, grad_out, opts, need_h, need_
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-    for i in range(0, hidden.shape[0], opts.chunk_size):
-        h = hidden[i : i + opts.chunk_size].to(dtype)
-        _, g = _chunk(h, w, b, labels[i : i + opts.chunk_size], opts, grad_out[i : i + h.shape[0]].float())
+    for i, j in _spans(hidden.shape[0], opts.chunk_size):
+        h = hidden[i:j].to(dtype)
+        _, g = _chunk(h, w, b, labels[i:j], opts, grad_out[i:j].float())
         if need_b:
             grad_b += g.sum(0)
         g = g.to(dtype)
         if need_h:
-            grad_h[i : i + h.shape[0]] = g @ w
+            grad_h[i:j] = g @ w
         if need_w:
             grad_w += (g.t() @ h).float()
     return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
