@@ -69,11 +69,16 @@ def _build(name: str):
 
 
 def _compiled_step(model, batch, loss_fn, backend):
-    """One training step of torch.compile(model): (loss, {name: grad} of `model`'s parameters, graph breaks)."""
+    """Training steps of torch.compile(model): (loss, {name: grad} of `model`'s parameters, graph breaks) of the
+    first; a second step must reuse its graphs (no state read in the forward changes between steps)."""
     torch._dynamo.reset()
     counters.clear()
-    loss, _ = train_step(torch.compile(model, backend=backend), batch, loss_fn)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    compiled = torch.compile(model, backend=backend)
+    loss, _ = train_step(compiled, batch, loss_fn)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    frames = getattr(backend, "frames", None)
+    train_step(compiled, batch, loss_fn)
+    assert getattr(backend, "frames", None) == frames, "the second step recompiled"
     return loss, grads, dict(counters["graph_break"])
 
 

@@ -306,7 +306,7 @@ class _Head(ForwardPatch):
         self.record = record
         self.entry = entry  # (FQN, model class name) of the `applied` entry the notes update
         self.armed = False
-        self.calls = 0
+        self.calls = 0  # head calls in the current forward of a transformers model
         self.chunked: list[str] = []  # the cross-entropy calls computed chunked, each once
         self.full: list[str] = []  # the ops that computed the logits in full, each once
 
@@ -320,7 +320,10 @@ class _Head(ForwardPatch):
         compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
         if not autocast and x.dtype != weight.dtype:
             return self.call_inner(*args, **kwargs)  # F.linear refuses it: as written
-        self.calls += 1
+        if self.hf:
+            # counted per forward for a transformers model (the root resets it first, inside the forward: a value
+            # torch.compile would otherwise guard on, recompiling every step)
+            self.calls += 1
         return head_output(self, x, weight, bias, compute, (device, autocast, torch.get_autocast_dtype(device)))
 
     def note_chunked(self, call: str) -> None:
