@@ -301,14 +301,19 @@ class LossConfig:
             float32 logits about the size of the hidden states (Liger-Kernel's rule), at least 256 tokens.
         head: FQN of the output head (an `nn.Linear` whose weight is (vocab, hidden)). None: a transformers causal
             LM's output embedding, or a module named ``lm_head``.
-        labels: name of the forward argument that carries the labels. None: ``"labels"``.
-        shift: whether position t predicts label t + 1 (transformers causal LMs shift inside their loss). None: True
-            for transformers causal LMs, False otherwise (labels already aligned with the positions, as nanoGPT's
-            targets).
+        labels: name of the forward argument that carries the labels. None: ``"labels"`` for transformers causal
+            LMs; for other models, every training forward (the model's own F.cross_entropy on the head's logits
+            runs chunked, labels or not); a name limits it to forwards given that argument.
+        shift, ignore_index, label_smoothing, softcap: the loss memopt computes for a transformers causal LM (which
+            it runs with labels=None). A hand-written model (nanoGPT) computes its own loss and memopt follows its
+            F.cross_entropy call with that call's ignore_index, reduction and label_smoothing, so setting these for
+            it raises.
+        shift: whether position t predicts label t + 1. None: True (transformers causal LMs shift inside their loss).
         ignore_index: label value that does not count (its token adds no loss and no gradient).
-        label_smoothing: as in `torch.nn.functional.cross_entropy`.
+        label_smoothing: as in `torch.nn.functional.cross_entropy` (transformers' Trainer with label_smoothing_factor
+            removes the labels: give it here).
         softcap: logits soft-capping, ``cap * tanh(logits / cap)``, as Gemma 2 applies after its head. None: the
-            model config's ``final_logit_softcapping`` for transformers models, no capping otherwise.
+            model config's ``final_logit_softcapping``.
     """
 
     chunk_size: int | None = None

@@ -119,14 +119,14 @@ HF_MODELS: dict[str, Callable] = {
 class CausalSelfAttention(nn.Module):
     """nanoGPT's attention on its path without flash (PyTorch < 2 or flash off): softmax(QK^T)V written out."""
 
-    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True):
+    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True, block_size: int = SEQ * 4):
         super().__init__()
         self.nh = nh
         self.c_attn = nn.Linear(d, 3 * d, bias=bias)
         self.c_proj = nn.Linear(d, d, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
-        self.register_buffer("bias", torch.tril(torch.ones(SEQ * 4, SEQ * 4)).view(1, 1, SEQ * 4, SEQ * 4))
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
 
     def heads(self, x):
         B, T, C = x.size()
@@ -177,10 +177,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True):
+    def __init__(self, d: int, nh: int, dropout: float, bias: bool = True, block_size: int = SEQ * 4):
         super().__init__()
         self.ln_1 = LayerNorm(d, bias)
-        self.attn = CausalSelfAttention(d, nh, dropout, bias)
+        self.attn = CausalSelfAttention(d, nh, dropout, bias, block_size)
         self.ln_2 = LayerNorm(d, bias)
         self.mlp = MLP(d, dropout, bias)
 
@@ -192,15 +192,16 @@ class Block(nn.Module):
 class NanoGPT(nn.Module):
     """nanoGPT's GPT as its users have it: weight tying, scaled init of the residual projections, the head on the
     last position only when no targets are given, targets padded with -1 (its ignore_index), and
-    `configure_optimizers`' weight-decay groups."""
+    `configure_optimizers`' weight-decay groups. `vocab_size` and `block_size` as in nanoGPT's GPTConfig."""
 
-    def __init__(self, d: int = 32, nh: int = 4, n_layer: int = 3, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d: int = 32, nh: int = 4, n_layer: int = 3, dropout: float = 0.0, bias: bool = True,
+                 vocab_size: int = VOCAB, block_size: int = SEQ * 4):
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(VOCAB, d), wpe=nn.Embedding(SEQ * 4, d), drop=nn.Dropout(dropout),
-            h=nn.ModuleList([Block(d, nh, dropout, bias) for _ in range(n_layer)]), ln_f=LayerNorm(d, bias),
+            wte=nn.Embedding(vocab_size, d), wpe=nn.Embedding(block_size, d), drop=nn.Dropout(dropout),
+            h=nn.ModuleList([Block(d, nh, dropout, bias, block_size) for _ in range(n_layer)]), ln_f=LayerNorm(d, bias),
         ))
-        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
