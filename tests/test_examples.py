@@ -245,3 +245,15 @@ def test_gqa_benchmark_runs():
     assert [r[1].strip() for r in rows] == ["MHA", "kv_heads=4", "kv_heads=2", "kv_heads=1"]
     assert [r[4].strip() for r in rows] == ["1.0000x", "0.5000x", "0.2500x", "0.1250x"]
     assert "KV cache exactly K/H of the MHA's: met; memopt.estimate predicts it exactly: met" in out
+
+
+def test_loss_compile_benchmark_runs():
+    out = _run("benchmarks/loss_compile.py", "--backend", "aot", "--vocab", "512", "--batch", "2", "--seq", "64",
+               "--d", "32", "--layers", "1", "--chunk-size", "32", "--steps", "1", "--warmup", "1")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|") for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line and "model" not in line}
+    assert len(rows) == 6 and "no graph compiled during the timed steps" in out, out
+    logits = {key: float(cells[6]) for key, cells in rows.items()}
+    assert logits[("plain", "eager")] > 0 and logits[("plain", "aot")] > 0  # the plain step has the logits
+    assert all(v == 0 for (name, _), v in logits.items() if "chunked" in name), out  # the chunked ones none
+    assert float(rows[("plain", "aot")][7]) == 0  # the head's weight transposed (d, vocab) is no chunk
