@@ -92,12 +92,13 @@ class _Allocations(TorchDispatchMode):
 def _aot_backend(largest: _Largest):
     """AOTAutograd with Inductor's partitioner, its graphs run without code generation (seconds, not minutes): the
     forward and backward graphs it hands on are the ones the custom pass sees, before Inductor's own fusions."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     def inspect(gm: torch.fx.GraphModule, example_inputs):
         _GraphPass(largest)(gm.graph)
-        return gm
+        return make_boxed_func(gm.forward)
 
     return aot_autograd(fw_compiler=inspect, bw_compiler=inspect, partition_fn=min_cut_rematerialization_partition)
 
