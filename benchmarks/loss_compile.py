@@ -43,7 +43,9 @@ class _Largest:
 
     def see(self, t: torch.Tensor) -> None:
         # sizes first: comparing a symbolic size (the partitioner's RNG state) adds a guard while compiling
-        if not (t.dim() and all(isinstance(d, int) for d in t.shape) and t.shape[-1] == self.vocab):
+        # floating point only: Inductor's (1, vocab) int64 index row of the loss's backward is no logits chunk
+        if not (t.dim() and t.is_floating_point() and all(isinstance(d, int) for d in t.shape)
+                and t.shape[-1] == self.vocab):
             return
         n = t.untyped_storage().nbytes()
         if math.prod(t.shape[:-1]) == self.tokens:

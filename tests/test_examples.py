@@ -257,3 +257,13 @@ def test_loss_compile_benchmark_runs():
     assert logits[("plain", "eager")] > 0 and logits[("plain", "aot")] > 0  # the plain step has the logits
     assert all(v == 0 for (name, _), v in logits.items() if "chunked" in name), out  # the chunked ones none
     assert float(rows[("plain", "aot")][7]) == 0  # the head's weight transposed (d, vocab) is no chunk
+
+
+def test_no_sdpa_benchmark_runs():
+    out = _run("benchmarks/no_sdpa.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--vocab", "128", "--seq",
+               "128", "--batch", "1", "--steps", "1", "--archs", "bloom", "falcon_alibi")
+    for arch in ("bloom", "falcon_alibi"):  # ALiBi through SDPA: no (batch, heads, seq, seq) matrix kept
+        cells = next(line for line in out.splitlines() if line.startswith(f"| {arch} |")).split("|")
+        sdpa, ckpt = float(cells[4].strip(" x")), float(cells[6].strip(" x"))
+        assert sdpa < 0.9 and ckpt < sdpa, out
+        assert cells[10].strip() == cells[11].strip(), out  # the same loss as transformers' eager attention
