@@ -85,7 +85,8 @@ def main(argv=None) -> list[dict]:
                 _step(model, inputs)
             models[label] = model
             rows.append({"name": label, "peak": _peak(model, inputs, args.device), "loss": loss, "first_s": first,
-                         "graphs": counters["stats"]["unique_graphs"] - graphs, "frames": counters["frames"]["ok"] - frames,
+                         "graphs": counters["stats"]["unique_graphs"] - graphs,
+                         "frames": counters["frames"]["ok"] - frames,
                          "times": []})
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]

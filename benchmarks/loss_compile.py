@@ -178,7 +178,8 @@ def main(argv=None) -> list[tuple]:
             row["times"].append(clock() - start)
     recompiled = counters["frames"]["ok"] - frames
 
-    print(f"nanoGPT d={args.d} layers={args.layers} vocab={args.vocab} batch={args.batch} seq={args.seq} chunk_size={args.chunk_size}; "
+    print(f"nanoGPT d={args.d} layers={args.layers} vocab={args.vocab} batch={args.batch} seq={args.seq} "
+          f"chunk_size={args.chunk_size}; "
           f"logits {tokens * args.vocab * 4 / 2**20:.1f} MiB float32; step time: {args.clock} clock, median of "
           f"{args.steps} round-robin steps after {args.warmup}")
     print(f"machine: {machine('cpu')}; torch {torch.__version__}")
