@@ -29,7 +29,18 @@ def bench_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="step time as wall-clock time, or as this process's CPU time (all threads; CPU device only): "
                         "steadier when other jobs share the machine")
+    p.add_argument("--threads", type=int, action=_Threads, metavar="N",
+                   help="torch.set_num_threads(N) (default: PyTorch's). On a shared machine 1 keeps --clock cpu "
+                        "honest: threads spin-waiting on a descheduled sibling add CPU time that is not work")
     return p
+
+
+class _Threads(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"--threads {value}: give a positive number of threads")
+        torch.set_num_threads(value)
+        setattr(namespace, self.dest, value)
 
 
 def llama(args, attn_implementation: str = "sdpa") -> nn.Module:

@@ -196,3 +196,23 @@ def test_tracker_says_it_measures_eager_on_a_compiled_model():
     assert any("measures the eager execution" in str(w.message) and w.filename == __file__ for w in caught)
     report = tracker.report()
     assert report.peak_bytes > 0 and any("eager execution measured" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("name, options", [("nanogpt", dict(checkpoint=True)),
+                                           ("llama", dict(checkpoint=True, loss="chunked"))],
+                         ids=["nanogpt-checkpoint", "llama-checkpoint-chunked"])
+def test_later_compiled_steps_do_not_recompile(name, options):
+    # memopt keeps per-step state (the kernel probe's first forwards, the shared masks' new forward): none of it may
+    # be guarded on, or every step would compile again (benchmarks/compile.py counts compile time in a step otherwise)
+    torch.manual_seed(0)
+    model, batch, loss_fn = ALL_MODELS[name]()
+    memopt.apply(model, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    train_step(compiled, batch(0), loss_fn)
+    first = (counters["stats"]["unique_graphs"], counters["frames"]["total"])
+    assert first[0] >= 1
+    for step in range(1, 4):
+        train_step(compiled, batch(step), loss_fn)
+    assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == first
