@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         if args.only is None or name in args.only:
             print(f"== {name}", flush=True)
             section(name, fn, args)
-    print(f"\n| section | check | result | verdict |\n|---|---|---|---|")
+    print("\n| section | check | result | verdict |\n|---|---|---|---|")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
     failed = sum(r[3] == "FAIL" for r in ROWS)
