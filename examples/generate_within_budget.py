@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import math
 import random
 import sys
@@ -67,23 +68,30 @@ def trained_model(steps: int, max_files: int | None, seed: int = 0, quiet: bool 
     return model.eval(), corpus
 
 
+@functools.lru_cache(maxsize=4)
+def _function_heads(max_files: int | None) -> tuple[str, ...]:
+    """Every standard-library function with a docstring: its source up to the end of the docstring."""
+    heads = []
+    for path in stdlib_files(max_files):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        lines = text.splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
+                heads.append("\n".join(lines[node.lineno - 1:node.body[0].end_lineno]))
+    return tuple(heads)
+
+
 def stdlib_requests(tokenizer, n: int, median_new: int, seed: int = 0, max_prompt: int = 200,
                     max_files: int | None = 40) -> list[tuple[list[int], int]]:
     """`n` requests: (prompt token ids, new tokens). Prompts: a standard-library function's source up to the end of
     its docstring (at most `max_prompt` tokens); new tokens ~ log-normal(median `median_new`, sigma 0.6), clipped
     to [8, 4 x median]."""
     rng = random.Random(seed)
-    heads = []
-    for path in stdlib_files(max_files):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-        except SyntaxError:
-            continue
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
-                doc = node.body[0]
-                heads.append("\n".join(lines[node.lineno - 1:doc.end_lineno]))
+    heads = list(_function_heads(max_files))
     rng.shuffle(heads)
     out = []
     for text in heads[:n]:
