@@ -39,7 +39,7 @@ import transformers
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 from generate_within_budget import stdlib_requests, trained_model  # noqa: E402
-from memopt.estimation.kv_cache import KVCacheConfig, blocks_needed, make_cache  # noqa: E402
+from memopt.estimation.kv_cache import KVCacheConfig, blocks_needed, cache_shape, make_cache  # noqa: E402
 from memopt.tracker.kv_cache import cache_bytes  # noqa: E402
 
 
@@ -208,8 +208,12 @@ def lengths_study(tokenizer, n: int, medians: list[int], pages: list[int], max_p
         row = dict(median=median, n=len(lengths), mean_prompt=sum(p for p, _ in lengths) / len(lengths),
                    mean_new=sum(m for _, m in lengths) / len(lengths), mean_len=sum(written) / len(written),
                    max_len=max_len, static_waste=1 - sum(written) / (len(written) * max_len), paged={})
+        # over each sequence's life: the tokens held after each forward (prompt, then one more a step) against the
+        # blocks they take, summed over the steps (what the allocator measure above averages)
+        held = torch.cat([torch.arange(p_, _written(p_, m) + 1) for p_, m in lengths]).double()
         for page in pages:
             slots = sum(blocks_needed([lp], page) * page for lp in lengths)
+            life = 1 - held.sum().item() / (torch.ceil(held / page) * page).sum().item()
             budget_blocks = static_seqs * max_len // page
             used, c = 0, 0
             for lp in lengths:
@@ -217,7 +221,7 @@ def lengths_study(tokenizer, n: int, medians: list[int], pages: list[int], max_p
                 if used + need > budget_blocks:
                     break
                 used, c = used + need, c + 1
-            row["paged"][page] = (1 - sum(written) / slots, c)
+            row["paged"][page] = (1 - sum(written) / slots, life, c)
         rows.append(row)
     return rows
 
@@ -248,15 +252,44 @@ def quality(model, corpus, kinds: list[KVCacheConfig], ctx: int, batch: int) -> 
     skip = ctx // 2 + 128  # past the prefill and the residual window: positions that read quantized keys
     for kv, res in outs.items():
         if isinstance(res, Exception):
-            rows.append(dict(name=kv.kind, error=str(res)))
+            rows.append(dict(name=_label(kv) if not kv.nbits else kv.kind, error=str(res)))
             continue
         lg, per_token = res
         a, b = lg[:, skip:], ref[:, skip:]
-        rows.append(dict(name=kv.kind + (f" ({kv.resolved_backend()})" if kv.nbits else ""), bytes_per_token=per_token,
+        rows.append(dict(name=_label(kv), bytes_per_token=per_token,
                          ratio=per_token / ref_bytes, agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
                          cosine=F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1), dim=-1).mean().item(),
                          loss=F.cross_entropy(lg.flatten(0, 1), labels.flatten()).item()))
     return rows
+
+
+def bytes_by_context(config, kinds: list[KVCacheConfig], contexts: list[int], window: int,
+                     dtype: torch.dtype = torch.bfloat16) -> dict[tuple[str, int], float]:
+    """Bytes per token of each cache (transformers' real cache objects, the model's shapes, batch 1) holding `ctx`
+    tokens written as generation writes them: a prompt of ``ctx - window`` tokens, then `window` tokens one at a
+    time (a quantized cache's full-precision residual window holds them: half of ``residual_length`` is its mean
+    fill while decoding, as it is re-quantized when full). Values random: the storage does not depend on them."""
+    layers, kv_heads, head_dim = cache_shape(config)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kv in [KVCacheConfig("dynamic")] + kinds:
+        for ctx in contexts:
+            try:
+                cache = make_cache(kv, config, max_len=ctx)
+            except ImportError:
+                continue
+            for n in [ctx - window] + [1] * window:
+                for layer in range(layers):
+                    k, v = (torch.randn(1, kv_heads, n, head_dim, generator=g).to(dtype) for _ in range(2))
+                    cache.update(k, v, layer)
+            out[(_label(kv), ctx)] = cache_bytes(cache) / ctx
+    return out
+
+
+def _label(kv: KVCacheConfig) -> str:
+    if not kv.nbits:
+        return kv.kind
+    return f"{kv.kind} ({kv.resolved_backend()}, group {kv.group_size}, residual {kv.residual_length})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study-medians", default="64,128,256,512", help="median new tokens of the lengths study")
     p.add_argument("--study-pages", default="8,16,32")
     p.add_argument("--study-max-prompt", type=int, default=1024)
+    p.add_argument("--contexts", default="512,1024,2048,4096,8192", help="tokens held, for the bf16 bytes table")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier CPU times on a shared machine)")
     p.add_argument("--fast", action="store_true")
     args = p.parse_args(argv)
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     max_files = None
     if args.fast:
         args.requests, args.median_new, args.budget_tokens, args.train_steps, args.ctx = 6, 8, 320, 5, 288
-        args.max_prompt, args.study_requests, args.study_medians = 48, 64, "64,256"
+        args.max_prompt, args.study_requests, args.study_medians, args.contexts = 48, 64, "64,256", "512,2048"
         max_files = 40
     warnings.simplefilter("ignore")
     model, corpus = trained_model(args.train_steps, max_files, quiet=True)
@@ -314,27 +348,44 @@ def main(argv: list[str] | None = None) -> None:
                           pages, args.study_max_prompt, max_files)
     print(f"lengths study: {study[0]['n']} requests per row, prompts = standard-library functions up to the end of "
           f"their docstring (at most {args.study_max_prompt} tokens), new tokens log-normal (sigma 0.6, clipped to "
-          f"[8, 4 x median]; seeded); budget = 8 static sequences of max_len; paged cell: waste (sequences vs "
-          f"static)\n")
+          f"[8, 4 x median]; seeded); budget = 8 static sequences of max_len; paged cell: never written at each "
+          f"sequence's full length / over its life (the tokens held after each forward against their blocks) "
+          f"(sequences at once vs static)\n")
     print("| new tokens, median | mean prompt | mean new | max_len | static: never written | "
           + " | ".join(f"paged, page {pg}" for pg in pages) + " |")
     print("|---:|---:|---:|---:|---:|" + "---:|" * len(pages))
     for r in study:
         print(f"| {r['median']} | {r['mean_prompt']:.0f} | {r['mean_new']:.0f} | {r['max_len']} | "
               f"{100 * r['static_waste']:.1f}% | "
-              + " | ".join(f"{100 * r['paged'][pg][0]:.1f}% ({r['paged'][pg][1] / 8:.1f}x)" for pg in pages) + " |")
+              + " | ".join(f"{100 * r['paged'][pg][0]:.1f}% / {100 * r['paged'][pg][1]:.1f}% ({r['paged'][pg][2] / 8:.1f}x)"
+                           for pg in pages) + " |")
     print(flush=True)
 
-    kinds = [KVCacheConfig("fp8"), KVCacheConfig("int4", backend="hqq"), KVCacheConfig("int2", backend="hqq")]
+    kinds = [KVCacheConfig("fp8"), KVCacheConfig("int4", backend="hqq"),
+             KVCacheConfig("int4", backend="hqq", group_size=128), KVCacheConfig("int2", backend="hqq")]
     t0 = time.perf_counter()
-    print("| KV cache | bytes/token | vs float32 dynamic | vs bf16 | next-token agreement | logit cosine | val loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"quality against the float32 dynamic cache, teacher-forced on held-out stdlib text, {4} x {args.ctx} tokens "
+          f"(prefill {args.ctx // 2}, then 16-token chunks; positions after the residual window); bytes/token of the "
+          f"float32 cache at {args.ctx} tokens (measured)\n")
+    print("| KV cache | bytes/token (float32) | vs float32 dynamic | next-token agreement | logit cosine | val loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in quality(model, corpus, kinds, args.ctx, 4):
         if "error" in r:
             print(f"| {r['name']} | skipped: {r['error']} |")
             continue
-        print(f"| {r['name']} | {r['bytes_per_token']:.1f} | {r['ratio']:.3f}x | {2 * r['ratio']:.3f}x | "
-              f"{r['agree']:.4f} | {r['cosine']:.5f} | {r['loss']:.4f} |")
+        print(f"| {r['name']} | {r['bytes_per_token']:.1f} | {r['ratio']:.3f}x | {r['agree']:.4f} | "
+              f"{r['cosine']:.5f} | {r['loss']:.4f} |")
+    contexts = [int(x) for x in args.contexts.split(",")]
+    window = 64
+    sizes = bytes_by_context(model.config, kinds, contexts, window)
+    print(f"\nbytes per token in bfloat16 against the bfloat16 dynamic cache, by tokens held (transformers' cache "
+          f"objects, this model's shapes, batch 1; the last {window} tokens written one at a time: the residual "
+          f"window's mean fill)\n")
+    print("| KV cache (bf16) | " + " | ".join(f"{c} tokens" for c in contexts) + " |")
+    print("|---|" + "---:|" * len(contexts))
+    for name in dict.fromkeys(k for k, _ in sizes):
+        print(f"| {name} | " + " | ".join(f"{sizes[name, c]:.0f} B ({sizes[name, c] / sizes['dynamic', c]:.3f}x)"
+                                         for c in contexts) + " |")
     print(f"[{time.perf_counter() - t0:.0f} s]")
 
 
