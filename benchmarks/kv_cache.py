@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study-pages", default="8,16,32")
     p.add_argument("--study-max-prompt", type=int, default=1024)
     p.add_argument("--contexts", default="512,1024,2048,4096,8192", help="tokens held, for the bf16 bytes table")
+    p.add_argument("--quality-batch", type=int, default=8, help="sequences of the quality study")
+    p.add_argument("--parts", default="serving,lengths,quality", help="which parts to run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier CPU times on a shared machine)")
     p.add_argument("--fast", action="store_true")
     args = p.parse_args(argv)
@@ -313,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     max_files = None
     if args.fast:
         args.requests, args.median_new, args.budget_tokens, args.train_steps, args.ctx = 6, 8, 320, 5, 288
+        args.quality_batch = 4
         args.max_prompt, args.study_requests, args.study_medians, args.contexts = 48, 64, "64,256", "512,2048"
         max_files = 40
     warnings.simplefilter("ignore")
@@ -327,66 +330,70 @@ def main(argv: list[str] | None = None) -> None:
           f"tokens, mean {sum(q for q, _ in lengths) / len(lengths):.0f}; new tokens {min(n for _, n in lengths)}-"
           f"{max(n for _, n in lengths)}, log-normal median {args.median_new}), KV budget {args.budget_tokens} "
           f"tokens ({args.budget_tokens * per_token / 2**20:.2f} MiB); {args.threads} torch thread(s)\n", flush=True)
-    t0 = time.perf_counter()
-    rows = serving(model, reqs, args.budget_tokens, args.page_size)
-    base = rows[0]
-    print("| scheme | concurrent sequences | vs static | reserved KV never written | tokens/s (CPU) | vs static |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['concurrent']} | {r['concurrent'] / base['concurrent']:.2f}x | {100 * r['waste']:.1f}% "
-              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
-    paged = rows[-1]
-    print(f"\n(counted at each sequence's full length, over the first batch in arrival order.) paged, measured in "
-          f"transformers' allocator over {paged['steps']} forwards, every request with its own new tokens: up to "
-          f"{paged['measured_concurrent']} requests holding blocks at once; reserved never written "
-          f"{100 * paged['peak_waste']:.1f}% when the most blocks were in use, {100 * paged['mean_waste']:.1f}% "
-          f"averaged over the forwards; cache tensor {paged['cache_bytes']:,} B (budget {args.budget_tokens * per_token:,}"
-          f" B + transformers' two trash sectors) [{time.perf_counter() - t0:.0f} s]\n", flush=True)
+    parts = set(args.parts.split(","))
+    if "serving" in parts:
+        t0 = time.perf_counter()
+        rows = serving(model, reqs, args.budget_tokens, args.page_size)
+        base = rows[0]
+        print("| scheme | concurrent sequences | vs static | reserved KV never written | tokens/s (CPU) | vs static |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['name']} | {r['concurrent']} | {r['concurrent'] / base['concurrent']:.2f}x | {100 * r['waste']:.1f}% "
+                  f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+        paged = rows[-1]
+        print(f"\n(counted at each sequence's full length, over the first batch in arrival order.) paged, measured in "
+              f"transformers' allocator over {paged['steps']} forwards, every request with its own new tokens: up to "
+              f"{paged['measured_concurrent']} requests holding blocks at once; reserved never written "
+              f"{100 * paged['peak_waste']:.1f}% when the most blocks were in use, {100 * paged['mean_waste']:.1f}% "
+              f"averaged over the forwards; cache tensor {paged['cache_bytes']:,} B (budget {args.budget_tokens * per_token:,}"
+              f" B + transformers' two trash sectors) [{time.perf_counter() - t0:.0f} s]\n", flush=True)
 
-    pages = [int(x) for x in args.study_pages.split(",")]
-    study = lengths_study(corpus.tokenizer, args.study_requests, [int(x) for x in args.study_medians.split(",")],
-                          pages, args.study_max_prompt, max_files)
-    print(f"lengths study: {study[0]['n']} requests per row, prompts = standard-library functions up to the end of "
-          f"their docstring (at most {args.study_max_prompt} tokens), new tokens log-normal (sigma 0.6, clipped to "
-          f"[8, 4 x median]; seeded); budget = 8 static sequences of max_len; paged cell: never written at each "
-          f"sequence's full length / over its life (the tokens held after each forward against their blocks) "
-          f"(sequences at once vs static)\n")
-    print("| new tokens, median | mean prompt | mean new | max_len | static: never written | "
-          + " | ".join(f"paged, page {pg}" for pg in pages) + " |")
-    print("|---:|---:|---:|---:|---:|" + "---:|" * len(pages))
-    for r in study:
-        print(f"| {r['median']} | {r['mean_prompt']:.0f} | {r['mean_new']:.0f} | {r['max_len']} | "
-              f"{100 * r['static_waste']:.1f}% | "
-              + " | ".join(f"{100 * r['paged'][pg][0]:.1f}% / {100 * r['paged'][pg][1]:.1f}% ({r['paged'][pg][2] / 8:.1f}x)"
-                           for pg in pages) + " |")
-    print(flush=True)
+    if "lengths" in parts:
+        pages = [int(x) for x in args.study_pages.split(",")]
+        study = lengths_study(corpus.tokenizer, args.study_requests, [int(x) for x in args.study_medians.split(",")],
+                              pages, args.study_max_prompt, max_files)
+        print(f"lengths study: {study[0]['n']} requests per row, prompts = standard-library functions up to the end of "
+              f"their docstring (at most {args.study_max_prompt} tokens), new tokens log-normal (sigma 0.6, clipped to "
+              f"[8, 4 x median]; seeded); budget = 8 static sequences of max_len; paged cell: never written at each "
+              f"sequence's full length / over its life (the tokens held after each forward against their blocks) "
+              f"(sequences at once vs static)\n")
+        print("| new tokens, median | mean prompt | mean new | max_len | static: never written | "
+              + " | ".join(f"paged, page {pg}" for pg in pages) + " |")
+        print("|---:|---:|---:|---:|---:|" + "---:|" * len(pages))
+        for r in study:
+            print(f"| {r['median']} | {r['mean_prompt']:.0f} | {r['mean_new']:.0f} | {r['max_len']} | "
+                  f"{100 * r['static_waste']:.1f}% | "
+                  + " | ".join(f"{100 * r['paged'][pg][0]:.1f}% / {100 * r['paged'][pg][1]:.1f}% ({r['paged'][pg][2] / 8:.1f}x)"
+                               for pg in pages) + " |")
+        print(flush=True)
 
-    kinds = [KVCacheConfig("fp8"), KVCacheConfig("int4", backend="hqq"),
-             KVCacheConfig("int4", backend="hqq", group_size=128), KVCacheConfig("int2", backend="hqq")]
-    t0 = time.perf_counter()
-    print(f"quality against the float32 dynamic cache, teacher-forced on held-out stdlib text, {4} x {args.ctx} tokens "
-          f"(prefill {args.ctx // 2}, then 16-token chunks; positions after the residual window); bytes/token of the "
-          f"float32 cache at {args.ctx} tokens (measured)\n")
-    print("| KV cache | bytes/token (float32) | vs float32 dynamic | next-token agreement | logit cosine | val loss |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in quality(model, corpus, kinds, args.ctx, 4):
-        if "error" in r:
-            print(f"| {r['name']} | skipped: {r['error']} |")
-            continue
-        print(f"| {r['name']} | {r['bytes_per_token']:.1f} | {r['ratio']:.3f}x | {r['agree']:.4f} | "
-              f"{r['cosine']:.5f} | {r['loss']:.4f} |")
-    contexts = [int(x) for x in args.contexts.split(",")]
-    window = 64
-    sizes = bytes_by_context(model.config, kinds, contexts, window)
-    print(f"\nbytes per token in bfloat16 against the bfloat16 dynamic cache, by tokens held (transformers' cache "
-          f"objects, this model's shapes, batch 1; the last {window} tokens written one at a time: the residual "
-          f"window's mean fill)\n")
-    print("| KV cache (bf16) | " + " | ".join(f"{c} tokens" for c in contexts) + " |")
-    print("|---|" + "---:|" * len(contexts))
-    for name in dict.fromkeys(k for k, _ in sizes):
-        print(f"| {name} | " + " | ".join(f"{sizes[name, c]:.0f} B ({sizes[name, c] / sizes['dynamic', c]:.3f}x)"
-                                         for c in contexts) + " |")
-    print(f"[{time.perf_counter() - t0:.0f} s]")
+    if "quality" in parts:
+        kinds = [KVCacheConfig("fp8"), KVCacheConfig("int4", backend="hqq"),
+                 KVCacheConfig("int4", backend="hqq", group_size=128), KVCacheConfig("int2", backend="hqq")]
+        t0 = time.perf_counter()
+        print(f"quality against the float32 dynamic cache, teacher-forced on held-out stdlib text, {args.quality_batch} x {args.ctx} tokens "
+              f"(prefill {args.ctx // 2}, then 16-token chunks; positions after the residual window); bytes/token of the "
+              f"float32 cache at {args.ctx} tokens (measured)\n")
+        print("| KV cache | bytes/token (float32) | vs float32 dynamic | next-token agreement | logit cosine | val loss |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in quality(model, corpus, kinds, args.ctx, args.quality_batch):
+            if "error" in r:
+                print(f"| {r['name']} | skipped: {r['error']} |")
+                continue
+            print(f"| {r['name']} | {r['bytes_per_token']:.1f} | {r['ratio']:.3f}x | {r['agree']:.4f} | "
+                  f"{r['cosine']:.5f} | {r['loss']:.4f} |")
+        contexts = [int(x) for x in args.contexts.split(",")]
+        window = 64
+        sizes = bytes_by_context(model.config, kinds, contexts, window)
+        print(f"\nbytes per token in bfloat16 against the bfloat16 dynamic cache, by tokens held (transformers' cache "
+              f"objects, this model's shapes, batch 1; the last {window} tokens written one at a time: the residual "
+              f"window's mean fill)\n")
+        print("| KV cache (bf16) | " + " | ".join(f"{c} tokens" for c in contexts) + " |")
+        print("|---|" + "---:|" * len(contexts))
+        for name in dict.fromkeys(k for k, _ in sizes):
+            print(f"| {name} | " + " | ".join(f"{sizes[name, c]:.0f} B ({sizes[name, c] / sizes['dynamic', c]:.3f}x)"
+                                             for c in contexts) + " |")
+        print(f"[{time.perf_counter() - t0:.0f} s]")
 
 
 if __name__ == "__main__":
