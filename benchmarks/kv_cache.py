@@ -25,6 +25,7 @@ next-token agreement and logit cosine over the positions after the residual wind
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -229,34 +230,39 @@ def lengths_study(tokenizer, n: int, medians: list[int], pages: list[int], max_p
 @torch.no_grad()
 def quality(model, corpus, kinds: list[KVCacheConfig], ctx: int, batch: int) -> list[dict]:
     """Teacher-forced: the context fed one chunk at a time through each cache (prefill of `ctx // 2`, then 16-token
-    chunks), logits against the float32 dynamic cache's."""
+    chunks), logits against the float32 dynamic cache's. A last row, for scale: the whole model in bfloat16 (weights,
+    activations and a bf16 dynamic cache), as models are usually served: the argmax flips that rounding alone makes."""
     starts = torch.linspace(0, corpus.val.numel() - ctx - 2, batch).long()
     x = corpus.val[starts[:, None] + torch.arange(ctx + 1)]
     ids, labels = x[:, :-1], x[:, 1:]
     outs = {}
-    for kv in [KVCacheConfig("dynamic")] + kinds:
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    for key, net, kv in [(KVCacheConfig("dynamic"), model, KVCacheConfig("dynamic"))] + \
+            [(kv, model, kv) for kv in kinds] + [("bf16", half, KVCacheConfig("dynamic"))]:
         try:
-            cache = make_cache(kv, model.config, max_len=ctx)
+            cache = make_cache(kv, net.config, max_len=ctx)
         except ImportError as exc:
-            outs[kv] = exc
+            outs[key] = exc
             continue
         logits, pos = [], ctx // 2
-        logits.append(model(input_ids=ids[:, :pos], cache=cache, use_cache=True).logits)
+        logits.append(net(input_ids=ids[:, :pos], cache=cache, use_cache=True).logits.float())
         while pos < ctx:
             step = min(16, ctx - pos)
-            logits.append(model(input_ids=ids[:, pos:pos + step], cache=cache, use_cache=True).logits)
+            logits.append(net(input_ids=ids[:, pos:pos + step], cache=cache, use_cache=True).logits.float())
             pos += step
-        outs[kv] = (torch.cat(logits, 1), cache_bytes(cache) / (batch * ctx))
+        outs[key] = (torch.cat(logits, 1), cache_bytes(cache) / (batch * ctx))
+    del half
     ref, ref_bytes = outs[KVCacheConfig("dynamic")]
     rows = []
     skip = ctx // 2 + 128  # past the prefill and the residual window: positions that read quantized keys
     for kv, res in outs.items():
+        name = "bf16 model, bf16 dynamic cache (for scale)" if kv == "bf16" else _label(kv)
         if isinstance(res, Exception):
-            rows.append(dict(name=_label(kv) if not kv.nbits else kv.kind, error=str(res)))
+            rows.append(dict(name=name if not kv.nbits else kv.kind, error=str(res)))
             continue
         lg, per_token = res
         a, b = lg[:, skip:], ref[:, skip:]
-        rows.append(dict(name=_label(kv), bytes_per_token=per_token,
+        rows.append(dict(name=name, bytes_per_token=per_token,
                          ratio=per_token / ref_bytes, agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
                          cosine=F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1), dim=-1).mean().item(),
                          loss=F.cross_entropy(lg.flatten(0, 1), labels.flatten()).item()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -198,16 +197,15 @@ def test_plan_generate_answers_how_many_and_how():
     assert not target.fits and "nothing fits" in str(target)
 
 
-def test_cli_plan_generate(tmp_path):
-    _config().save_pretrained(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "memopt", "plan", str(tmp_path), "--mode", "generate", "--budget",
-                          "2MiB", "--seq-len", "128", "--dtype", "float32", "--device", "cpu", "--kv-cache",
-                          "dynamic,fp8", "--no-quant", "--json"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    data = json.loads(out.stdout)
-    assert data["fits"] and data["sequences"] >= 1 and data["vllm"]["kv_cache_dtype"] in ("auto", "fp8")
+def test_cli_plan_generate(tmp_path, capsys):
+    from memopt.cli import main  # in-process: the entry point `python -m memopt` calls (a subprocess is seconds)
 
+    _config().save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path), "--mode", "generate", "--budget", "2MiB", "--seq-len", "128", "--dtype",
+                 "float32", "--device", "cpu", "--kv-cache", "dynamic,fp8", "--no-quant", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["sequences"] >= 1 and data["vllm"]["kv_cache_dtype"] in ("auto", "fp8")
+    assert [name for name, _ in data["tried"]] == ["dynamic cache", "fp8 cache"]
 
 def test_estimate_generate_of_a_hand_written_model():
     """A hand-written nn.Module (nanoGPT: attention written out, no transformers cache) from a callable: one forward
