@@ -1,25 +1,32 @@
-"""KV cache: static pre-allocation vs a dynamic cache in padded batches vs the paged cache, in one KV budget; and the
-quantized caches' bytes per token and quality on the main job's trained model.
+"""KV cache: static pre-allocation vs a dynamic cache in padded batches vs the paged cache, in one KV budget; the
+paged cache's waste by output length and page size; the quantized caches' quality on the main job's trained model and
+their bytes per token.
 
-    python benchmarks/kv_cache.py                 # 64 requests, 300 training steps (cached), a few minutes
+    python benchmarks/kv_cache.py                 # 64 requests, 300 training steps (cached): ~8 min on 2 cores
+    python benchmarks/kv_cache.py --parts quality --train-steps 1000
     python benchmarks/kv_cache.py --fast          # the test suite's mode
 
-Part 1, serving. Requests: prompts cut from standard-library functions (signature + docstring, <= 200 tokens), new
-tokens ~ log-normal (median --median-new, sigma 0.6, clipped to [8, 4 x median]), seeded. In a KV budget of
---kv-budget bytes per token-slot... precisely: the budget holds --budget-tokens tokens of the model's KV cache:
+Part 1, serving (--parts serving). Requests: prompts cut from standard-library functions (signature + docstring,
+<= --max-prompt tokens), new tokens ~ log-normal (median --median-new, sigma 0.6, clipped to [8, 4 x median]),
+seeded. The KV budget holds --budget-tokens tokens of the model's cache:
 
     static     every sequence reserves max_len (the longest prompt + the longest output) tokens
     dynamic    batches in arrival order, each padded to its longest prompt + its longest output
     paged      transformers' continuous batching, num_blocks = the budget in page_size blocks: a sequence holds
                ceil(written / page_size) blocks
 
-Concurrency is how many sequences hold cache at once at the start (the first batch); waste is the fraction of the
-reserved cache never written (over the first batch); tokens/s is measured by generating every request with each
-scheme on the trained model (CPU time, one run, ratios against static).
+Concurrency and waste (reserved, never written) are counted at each sequence's full length over the first batch;
+the paged run is also measured in transformers' allocator (every request with its own max_new_tokens, the block
+tables sampled at each forward: requests holding blocks, never-written slots). Tokens/s: every request generated
+with each scheme, untracked, after a warm-up (CPU time, one run, ratios against static).
 
-Part 2, quantized caches: bytes per token of the cache after generation (tracked, scales and residual window
-included) against the float32 dynamic cache, and quality against it, teacher-forced on held-out stdlib text:
-next-token agreement and logit cosine over the positions after the residual window, and the validation loss.
+Part 2, lengths (--parts lengths): static's and the paged cache's waste (at full length and over each sequence's
+life) and paged/static concurrency from the request lengths alone, for output medians --study-medians and pages
+--study-pages.
+
+Part 3, quality (--parts quality): quality against the float32 dynamic cache, teacher-forced on held-out stdlib
+text (next-token agreement, logit cosine past the residual window, validation loss; the model in bfloat16 as a scale
+row), and each cache's bytes per token in bfloat16 by tokens held (--contexts), residual window included.
 """
 
 from __future__ import annotations
