@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -198,12 +197,51 @@ def test_plan_generate_answers_how_many_and_how():
     assert not target.fits and "nothing fits" in str(target)
 
 
-def test_cli_plan_generate(tmp_path):
+def test_cli_plan_generate(tmp_path, capsys):
+    from memopt.cli import main  # in-process: the entry point `python -m memopt` calls (a subprocess is seconds)
+
     _config().save_pretrained(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "memopt", "plan", str(tmp_path), "--mode", "generate", "--budget",
-                          "2MiB", "--seq-len", "128", "--dtype", "float32", "--device", "cpu", "--kv-cache",
-                          "dynamic,fp8", "--no-quant", "--json"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    data = json.loads(out.stdout)
+    assert main(["plan", str(tmp_path), "--mode", "generate", "--budget", "2MiB", "--seq-len", "128", "--dtype",
+                 "float32", "--device", "cpu", "--kv-cache", "dynamic,fp8", "--no-quant", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["fits"] and data["sequences"] >= 1 and data["vllm"]["kv_cache_dtype"] in ("auto", "fp8")
+    assert [name for name, _ in data["tried"]] == ["dynamic cache", "fp8 cache"]
+
+def test_estimate_generate_of_a_hand_written_model():
+    """A hand-written nn.Module (nanoGPT: attention written out, no transformers cache) from a callable: one forward
+    of the batch inputs() returns, on fake tensors through memopt's hand-written attention watch; the batch and the
+    length are the batch's."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models import NanoGPT
+
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(0))
+    tracked = {}
+    for attention in ("sdpa", None):
+        torch.manual_seed(0)
+        m = NanoGPT().eval()
+        if attention:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                memopt.apply(m, attention=attention)
+        with torch.no_grad(), memopt.track(m) as tracker:
+            m(ids)
+        tracked[attention] = tracker.report().peak_bytes
+    assert tracked["sdpa"] < 0.8 * tracked[None]  # the (4, 4, 64, 64) attention matrices, gone with SDPA
+    for attention in ("sdpa", None):
+        est = memopt.estimate(NanoGPT, inputs=lambda: {"idx": ids}, mode="generate", device="cpu",
+                              attention=attention)
+        assert abs(est.peak_bytes - tracked[attention]) <= 0.05 * tracked[attention], (attention, est.peak_bytes)
+    assert (est.batch_size, est.seq_len, est.kv_cache_bytes) == (4, 64, None)
+    assert "one forward of 4 x 64 tokens" in str(est) and "KV cache not told apart" in str(est)
+    with pytest.raises(ValueError, match="needs inputs="):
+        memopt.estimate(NanoGPT, mode="generate", device="cpu")
+
+
+def test_estimate_generate_of_a_callable_building_a_transformers_model():
+    kw = dict(mode="generate", batch_size=B, seq_len=P + N, new_tokens=N, device="cpu", dtype="float32")
+    from_config = memopt.estimate(_config(), **kw)
+    built = memopt.estimate(lambda: transformers.LlamaForCausalLM(_config()), **kw)
+    assert built.kv_cache_bytes == from_config.kv_cache_bytes > 0
+    assert built.peak_bytes == pytest.approx(from_config.peak_bytes, rel=0.01)
+    half = memopt.estimate(lambda: transformers.LlamaForCausalLM(_config()), **{**kw, "dtype": "bfloat16"})
+    assert half.kv_cache_bytes * 2 == from_config.kv_cache_bytes  # cast to bfloat16: the cache in it too

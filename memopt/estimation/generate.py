@@ -35,6 +35,7 @@ from ..tracker.kv_cache import OFFLOAD_ERROR, all_tensors
 from .estimator import DEVICES, Estimate, _block_depth, dtype_from_name
 from .fake_step import _adapters_stay_put, _call, _fake_like_meta, _fake_quantize, build_model, load_config
 from .kv_cache import KVCacheConfig, blocks_needed, cache_shape, kv_cache_config, make_cache, paged_cache, with_blocks
+from .profile import _cast_floating
 
 
 @dataclass
@@ -74,7 +75,14 @@ class GenerateEstimate(Estimate):
         return d
 
     def __str__(self) -> str:
-        kind = self.kv_cache.kind if self.kv_cache is not None else "dynamic"
+        if self.kv_cache is None:  # a hand-written model: one forward, no transformers cache
+            lines = [f"estimated peak: {format_bytes(self.peak_bytes)} (generate, one forward of {self.batch_size} x "
+                     f"{self.seq_len} tokens, {self.device}, {self.dtype})"]
+            lines += [f"  {cat:<12}{format_bytes(v):>12}" for cat, v in self.breakdown.items()]
+            lines.append(f"  weights {format_bytes(self.weights_bytes)}; {format_bytes(self.per_sequence_bytes or 0)} "
+                         "per sequence besides them; KV cache not told apart")
+            return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+        kind = self.kv_cache.kind
         what = (f"{len(self.requests)} requests, {self.concurrent} at a time" if self.requests else
                 f"{self.concurrent} x ({self.prompt_len} prompt + {self.new_tokens} new tokens)")
         lines = [f"estimated peak: {format_bytes(self.peak_bytes)} (generate, {kind} KV cache, {self.device}, "
@@ -285,8 +293,8 @@ def estimate_generate(
             net = builder()
             if not isinstance(net, nn.Module):
                 raise TypeError(f"estimate(model=<callable>) must build an nn.Module, got {type(net).__name__}")
-            if dtype is not None:
-                net = net.to(dtype)
+            if dtype is not None:  # Module.to cannot swap fake parameters: cast copies, ties kept
+                _cast_floating(net, dtype)
             config = getattr(net, "config", None)
         else:
             net = build_model(config, "meta", dtype)
@@ -339,17 +347,33 @@ def estimate_generate(
     return GenerateEstimate(**est)
 
 
+def _batch_shape(batch: Any) -> tuple[int, int] | None:
+    """(batch, tokens) of the first tensor of at least two dimensions in an inputs batch (a tensor, a tuple/list or a
+    dict of them), None when there is none."""
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[0]), int(t.shape[1])
+    return None
+
+
 def _prefill_only(net, inputs, batch_size, seq_len, round_to, options, device, dtype, notes, started):
-    """A model without a transformers cache: one forward of the batch (its own cache, if any, inside)."""
+    """A model without a transformers cache (a hand-written nn.Module): one forward of the batch `inputs()` returns
+    (its own cache, if any, inside); batch and length are read from that batch."""
     if inputs is None:
         raise ValueError("estimate(mode='generate') of a model without a transformers config needs inputs=<callable "
                          "returning the prompt batch>")
     batch = inputs()
+    shape = _batch_shape(batch)
+    if shape is not None:
+        batch_size, seq_len = shape
     with torch.no_grad(), track(net, round_to=round_to) as tracker:
         _call(net, batch)
     report = tracker.report()
     weights = report.total("param_bytes")
-    notes.append("not a transformers model: one forward of the batch; its KV cache, if any, is not told apart")
+    notes.append("not a transformers model: one forward of the batch inputs() returns (a model without a KV cache, "
+                 "as nanoGPT's generate, peaks at its longest context: pass prompt + new tokens); a KV cache of its "
+                 "own, if any, is not told apart")
     per_seq = max(1, (report.peak_bytes - weights) // batch_size)
     report.device = f"{device} (estimate)"
     return GenerateEstimate(peak_bytes=report.peak_bytes, breakdown=dict(report.peak_breakdown), report=report,
@@ -357,7 +381,7 @@ def _prefill_only(net, inputs, batch_size, seq_len, round_to, options, device, d
                             dtype=str(dtype).replace("torch.", ""), batch_size=batch_size, seq_len=seq_len,
                             mode="generate", weights_bytes=weights, kv_cache_bytes=None, per_sequence_bytes=per_seq,
                             seconds=time.perf_counter() - started, notes=notes, concurrent=batch_size,
-                            prompt_len=seq_len, prefill_peak_bytes=report.peak_bytes)
+                            prompt_len=seq_len, prefill_peak_bytes=report.peak_bytes, table_depth=_block_depth(net))
 
 
 def _ids(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
