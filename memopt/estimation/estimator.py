@@ -25,7 +25,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -230,26 +230,62 @@ def assumptions(job: Job, optimizer: str, in_backward: bool = False, cpu_offload
             f"optimizer {optimizer!r}{' (' + ', '.join(how) + ')' if how else ''}: {OPTIMIZERS[optimizer].summary}"]
 
 
+class _InPlace(torch.optim.Optimizer):
+    """The stand-in for an optimizer that cannot run on fake tensors (bitsandbytes' kernels, torchao's compiled
+    step, an update on the host): its state is the layout's tensors (`memopt.optim.OPTIMIZERS`), created at once,
+    and its step updates in place (``p -= lr * grad``), allocating nothing, as their fused kernels do."""
+
+    def __init__(self, params: list, layout: Callable[[Any], list], shared: list) -> None:
+        super().__init__(params, {"lr": 1e-3})
+        for p in params:
+            self.state[p].update({f"state{i}": torch.empty(shape, dtype=dtype)
+                                  for i, (shape, dtype) in enumerate(layout(p))})
+        if shared and params:  # per optimizer instance (bitsandbytes' quantization maps)
+            self.state[params[0]].update({f"shared{i}": torch.empty(shape, dtype=dtype)
+                                          for i, (shape, dtype) in enumerate(shared)})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
 def fake_optimizer(spec: OptimizerSpec, params: list, device: str, in_backward: bool = False,
                    cpu_offload: bool = False) -> tuple[torch.optim.Optimizer, bool]:
     """The optimizer of the fake step, its state already there (as in every step after the first): the torch
-    optimizer itself where it runs on fake tensors, else a step in place (SGD) whose state is added from the layout;
-    with `in_backward` one of them per parameter, stepped from backward (`memopt.optim.InBackwardOptimizer`).
-    Returns (optimizer, whether it is the real one)."""
+    optimizer itself where it runs on fake tensors, else `_InPlace` holding the layout's state; with `in_backward`
+    one of them per parameter, stepped from backward (`memopt.optim.InBackwardOptimizer`); with `cpu_offload` the
+    state of the parameters torchao's CPUOffloadOptimizer keeps on the device (under 4096 values) only. Returns
+    (optimizer, whether it is the real one)."""
+    from .optimizers import CPU_OFFLOAD_MIN_SIZE
+
     real = spec.torch_optimizer is not None and not cpu_offload  # cpu_offload: the update runs on the host
+    skip = len(spec.shared)
+
+    def layout(p: Any) -> list:
+        if cpu_offload and p.numel() >= CPU_OFFLOAD_MIN_SIZE:
+            return []
+        return list(spec.state([p]))[skip:] if spec.on_device else []
 
     def make(ps: list) -> torch.optim.Optimizer:
-        return spec.torch_optimizer(ps, device) if real else torch.optim.SGD(ps, lr=1e-3, foreach=device == "cuda")
+        if real:
+            return spec.torch_optimizer(ps, device)
+        kept = spec.on_device and any(layout(p) or not cpu_offload for p in ps)
+        return _InPlace(ps, layout, spec.shared if kept else [])
 
     if not in_backward:
         opt = make(params)
-        warm_optimizer(opt, params, spec if real else None)
+        if real:
+            warm_optimizer(opt, params, spec)
         return opt, real
     from ..optim.in_backward import InBackwardOptimizer
 
     opt = InBackwardOptimizer(params, make, name=spec.name)
-    for p, inner in list(opt.optimizers.items()):
-        warm_optimizer(inner, [p], spec if real else None)
+    if real:
+        for p, inner in list(opt.optimizers.items()):
+            warm_optimizer(inner, [p], spec)
     return opt, real
 
 
@@ -395,6 +431,7 @@ def estimate(
         report = tracker.report()
         if in_backward:
             opt.remove()
+        # the layout's state is in the stand-in's `state`, counted by the tracker: `added` only says how much
         added = 0 if real else device_state_bytes(spec, trainable, job.round_to or 1, in_backward, cpu_offload)
         blocks_ = block_names(net)
         depth = _block_depth(net)
@@ -402,9 +439,6 @@ def estimate(
     peak, breakdown, phase = report.peak_bytes, dict(report.peak_breakdown), report.peak_at.get("phase", "")
     if in_backward and phase == "optimizer":  # an update in backward
         phase = "backward"
-    if added:
-        peak += added
-        breakdown["optimizer"] += added
     block_params = [sum(layer.param_bytes for layer in report.layers
                         if layer.name == b or layer.name.startswith(b + ".")) for b in blocks_]
     kept = sum(r.activation_bytes for r in report.rows() if r.name in set(blocks_))
