@@ -2,14 +2,16 @@
 dimensions.
 
 The search space is `SEARCH_SPACE`: one `Dimension` per choice (precision, what trains, checkpointing, the loss, the
-optimizer), each a tuple of `Option` values with the step-time factor they cost and where that figure comes from. A
+optimizer, the optimizer step in backward, activation offloading and the optimizer state in host memory, the last two
+on CUDA only), each a tuple of `Option` values with the step-time factor they cost and where that figure comes from. A
 plan is one option per dimension. Adding an option is one `register_option` call (an optimizer is one entry in
 `memopt.estimation.OPTIMIZERS`, which the optimizer dimension reads); a new kind of choice is one `Dimension` (its
 ``fake_step`` says whether its options change the forward and backward, so that each needs a fake step, or add up
 with a step's profile exactly, as optimizers do; ``modes`` which estimate modes it applies to).
 
 Order: plans that train every weight first (LoRA ones only with ``allow_lora``), then the preferred precision (the
-order of ``precision=``), then the predicted step time (the product of the options' factors), then the fewest
+order of ``precision=``), then AdamW's update (exact, or from 8/4-bit moments) before another rule (Adafactor), then
+the predicted step time (the product of the options' factors), then the fewest
 changes from the defaults. `plan` walks that order and returns the first plan whose peak fits the budget less the
 headroom; every plan before it is listed with why it did not fit (its estimated peak, or its parameters, gradients
 and optimizer state alone).
@@ -250,7 +252,7 @@ class Plan:
                  + (f", world size {est.world_size}" if est.world_size > 1 else "") + "; searched: "
                  + "; ".join(f"{dim} {' | '.join(names)}" for dim, names in self.space.items()),
                  "  not counted in the peaks: " + "; ".join(est.not_counted),
-                 f"{self.searched} plans, in order of what trains, precision, step time; these came first:"
+                 f"{self.searched} plans, in order of what trains, precision, update rule, step time; these came first:"
                  if len(self.tried) > 1 else f"{self.searched} plans; the first one:"]
         lines += _grouped(self.tried, self.space)
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -358,9 +360,13 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
             0 lets a plan fill the budget.
         allow_lora: also consider plans that train LoRA adapters instead of every weight (on the base as is,
             4-bit or 8-bit): they change what is trained.
-        precision, weights, checkpoint, loss, optimizer: restrict a dimension of `SEARCH_SPACE` to one value or a
-            list of them (``precision=["bf16-mixed", "bf16-true"]`` searches both, the first preferred;
-            ``optimizer="adamw"`` keeps torch AdamW). The precision defaults to the one `estimate` would assume
+        precision, weights, checkpoint, loss, optimizer, in_backward, offload, cpu_offload: restrict a dimension of
+            `SEARCH_SPACE` to one value or a list of them (``precision=["bf16-mixed", "bf16-true"]`` searches both,
+            the first preferred; ``optimizer="adamw"`` keeps torch AdamW; ``in_backward=True`` only steps in
+            backward; ``offload=False`` no activation offloading). The optimizers are every `memopt.optim` name the
+            estimator plans (adamw, adamw8bit, adamw4bit, adafactor); the step in backward drops the gradients from
+            the peak at about AdamW's step time; activation offloading (with full or every-N checkpointing only)
+            and the state in host memory are searched with ``device="cuda"``. The precision defaults to the one `estimate` would assume
             (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
         mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
             settings (`memopt.estimation.generate.plan_generate`: new_tokens=, sequences=, kv_caches=,
