@@ -58,8 +58,9 @@ class Option:
         same_step_as: the value of another option of the dimension whose fake step this one shares (offloaded
             checkpointing runs as full checkpointing on fake tensors; the offloaded inputs are taken off after).
         only_with: ``{dimension: (values, ...)}``: searched only in plans whose option of that dimension is one of
-            these (activation offloading only with checkpointing, whose block inputs are all it has to copy; without
-            it every activation crosses PCIe twice a step, slower than recomputing them).
+            these (activation offloading only with full checkpointing, whose block inputs are all it has to copy;
+            without it, or with every-N checkpointing's unwrapped blocks, whole layers' activations cross PCIe twice
+            a step, slower than recomputing them).
     """
 
     name: str
@@ -151,7 +152,7 @@ SEARCH_SPACE: dict[str, Dimension] = {d.name: d for d in (
         Option("activation offloading", True, {"offload": True}, 1.05,
                "assumed: the checkpointed blocks' inputs copied on side streams, mostly hidden behind compute "
                "(torchtune's OffloadActivations); unmeasured here (no CUDA)", needs_cuda=True,
-               only_with={"checkpoint": ("full", 2)}),
+               only_with={"checkpoint": ("full",)}),
     )),
     Dimension("cpu_offload", (
         Option("optimizer state on the device", False, {}, aliases=(None,)),
@@ -365,7 +366,7 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
             the first preferred; ``optimizer="adamw"`` keeps torch AdamW; ``in_backward=True`` only steps in
             backward; ``offload=False`` no activation offloading). The optimizers are every `memopt.optim` name the
             estimator plans (adamw, adamw8bit, adamw4bit, adafactor); the step in backward drops the gradients from
-            the peak at about AdamW's step time; activation offloading (with full or every-N checkpointing only)
+            the peak at about AdamW's step time; activation offloading (with full checkpointing only)
             and the state in host memory are searched with ``device="cuda"``. The precision defaults to the one `estimate` would assume
             (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
         mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
