@@ -259,8 +259,8 @@ class Plan:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         flags = "".join(f", {k}=True" for k, v in (("in_backward", self.in_backward),
                                                      ("cpu_offload", self.cpu_offload)) if v)
-        call = (f"memopt.apply(model{', ' + opts if opts else ''}); memopt.optimizer(model, {self.optimizer!r}{flags}); "
-                f"precision {self.precision!r}")
+        call = (f"memopt.apply(model{', ' + opts if opts else ''}); "
+                f"memopt.optimizer(model, {self.optimizer!r}{flags}); precision {self.precision!r}")
         if self.fits:
             lines.append(f"plan: {self.name}: peak {format_bytes(est.peak_bytes)} (a full estimate), predicted step "
                          f"time {self.slowdown:.2f}x a plain full fine-tune step in this precision "
@@ -366,9 +366,9 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
             the first preferred; ``optimizer="adamw"`` keeps torch AdamW; ``in_backward=True`` only steps in
             backward; ``offload=False`` no activation offloading). The optimizers are every `memopt.optim` name the
             estimator plans (adamw, adamw8bit, adamw4bit, adafactor); the step in backward drops the gradients from
-            the peak at about AdamW's step time; activation offloading (with full checkpointing only)
-            and the state in host memory are searched with ``device="cuda"``. The precision defaults to the one `estimate` would assume
-            (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
+            the peak at about AdamW's step time; activation offloading (with full checkpointing only) and the state
+            in host memory are searched with ``device="cuda"``. The precision defaults to the one `estimate` would
+            assume (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
         mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
             settings (`memopt.estimation.generate.plan_generate`: new_tokens=, sequences=, kv_caches=,
             allow_quant=, kv_heads=, page_size=, device_memory=); returns a `GeneratePlan`.
@@ -413,6 +413,12 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
     fits = best.fits and est.peak_bytes <= usable
     needed = budget_for(est.peak_bytes)
     notes += search.notes
+    from ..optim import OPTIMIZERS as _REGISTRY
+
+    entry = _REGISTRY.get(best.candidate.optimizer)
+    if entry is not None and not entry.available():  # planned from its layout; training needs its library
+        notes.append(f"optimizer {entry.name!r} needs {entry.requires}, which is not installed here: pip install "
+                     + (f'"memopt[{entry.extra}]"' if entry.extra else entry.requires))
     sources = [f"{o.name} {o.slowdown:.2f}x ({o.source})" for o in best.chosen if o.slowdown != 1.0]
     return Plan(fits, budget_bytes, head, usable, best.candidate.name, best.apply_options, best.candidate.optimizer,
                 best.candidate.precision, est, best.candidate.slowdown, "; ".join(sources) or "baseline", needed,

@@ -9,7 +9,12 @@ runs its forward and backward as a training loop does (autocast for the mixed pr
                live bytes when the step starts + optimizer state + the step's working memory)
 
 The state comes from the optimizer's layout (`optimizers.OPTIMIZERS`), the working memory from running the torch
-optimizer alone on fake parameters of the same shapes: any optimizer, one fake forward and backward.
+optimizer alone on fake parameters of the same shapes: any optimizer, one fake forward and backward. With the step in
+backward (``in_backward``) there is no step after backward; the profile keeps, per parameter shape, the live bytes at
+the moments parameters of that shape are updated, and one parameter's update's working memory adds to those:
+
+    peak = max(peak of forward and backward, max over shapes (live at its updates + its update's working memory))
+           + optimizer state
 
 Depth adds up too. For a model whose decoder layers are all alike, each segment of the step (the part before the
 blocks, each block's forward and backward, the part between two blocks, the part after them) peaks at a value that is
@@ -33,8 +38,8 @@ import torch.nn as nn
 from ..precision import Precision, resolve_precision
 from ..tracker import CATEGORIES
 from ..tracker.tracking import Tracker, track
-from .fake_step import (FakeGradScaler, FakeOffload, _adapters_stay_put, _call, _fake_like_meta, _fake_quantize, _hf_batch,
-                        build_model, find_loss, real_data_answers, with_layers)
+from .fake_step import (FakeGradScaler, FakeOffload, _adapters_stay_put, _call, _fake_like_meta, _fake_quantize,
+                        _hf_batch, build_model, find_loss, real_data_answers, with_layers)
 from .optimizers import OptimizerSpec, ParamShape, device_state_bytes
 
 DEVICES = ("cuda", "cpu")
