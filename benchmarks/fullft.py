@@ -4,6 +4,8 @@ flags, and memopt's best, side by side in one process.
     python benchmarks/fullft.py --clock cpu [--steps 50] [--precision fp32 bf16-mixed]
     python benchmarks/fullft.py --int8          # 8-bit + LoRA + checkpointing: what bitsandbytes kept, now freed
     python benchmarks/fullft.py --cuda-proof    # CUDA-only claims (offload, CPU-offloaded state, 7B on 24 GiB)
+    python benchmarks/fullft.py --headline      # the 7B-on-24-GiB recipe: memopt.plan for the Llama-2-7B shape, and
+                                                # the same recipe on a ~100M Llama on CPU: trains, within its estimate
 
 Rows (the Llama-style bench model: hidden 512, 6 layers, vocab 8000, batch 4, seq 512; every weight trained):
   plain AdamW                     the unmodified model, torch AdamW
@@ -38,6 +40,7 @@ from _common import bench_args, llama, machine  # noqa: E402
 from memopt._units import format_bytes  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16-mixed")
+
 
 
 def _batches(args, n: int = 2) -> list[dict]:
@@ -320,6 +323,79 @@ def seven_b(device: str) -> dict:
     return r
 
 
+# -- the headline: a 7B full fine-tune on a 24 GiB card, planned; the same recipe on CPU at ~100M ---------------
+HEADLINE = dict(precision="bf16-true", optimizer="adamw4bit", in_backward=True, checkpoint="full", loss="chunked")
+
+
+def headline(args) -> dict:
+    """`memopt.plan` for the Llama-2-7B shape (transformers.LlamaConfig() defaults), batch 1 x seq 2048, bf16 weights,
+    every weight trained, 24 GiB; the recipe's own estimate; then the recipe on a ~100M-parameter Llama on CPU:
+    `--headline-steps` steps on one batch (loss falls), the tracked peak of the steps after the first (torchao
+    compiles its update at the first) against `memopt.estimate(device="cpu")`."""
+    import transformers
+
+    out = {}
+    if not args.no_7b:
+        seven = transformers.LlamaConfig()
+        t0 = time.process_time()
+        plan = memopt.plan(seven, "24GiB", batch_size=1, seq_len=2048, device="cuda", precision="bf16-true",
+                           allow_lora=False)
+        cpu_s = time.process_time() - t0
+        print(plan)
+        print(f"(plan: {cpu_s:.1f} s of CPU time)\n")
+        est = memopt.estimate(seven, batch_size=1, seq_len=2048, device="cuda", **HEADLINE)
+        print("the recipe itself (in-backward adamw4bit, checkpoint + chunked loss):")
+        print("\n".join(line for line in str(est).splitlines()[:16] if line.strip()))
+        out["plan"] = {"fits": plan.fits, "name": plan.name, "peak": plan.estimate.peak_bytes, "cpu_s": cpu_s,
+                       "breakdown": plan.estimate.breakdown}
+        out["recipe_7b"] = {"peak": est.peak_bytes, "breakdown": est.breakdown}
+    h, layers, vocab, seq = args.headline_shape
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=int(h * 2.7) // 64 * 64,
+                                      num_hidden_layers=layers, num_attention_heads=h // 64,
+                                      num_key_value_heads=h // 64, max_position_embeddings=max(2048, seq))
+    est = memopt.estimate(config, batch_size=1, seq_len=seq, device="cpu", **HEADLINE)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        memopt.apply(model, checkpoint="full", loss="chunked")
+    model.train()
+    opt = memopt.optimizer(model, "adamw4bit", in_backward=True, lr=1e-3, bf16_stochastic_round=True)
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    losses, times = [], []
+
+    def step():
+        t0 = time.process_time()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.process_time() - t0)
+        losses.append(loss.item())
+
+    step()  # torchao compiles its update here
+    with memopt.track(model, opt) as tracker:
+        for _ in range(args.headline_steps - 1):
+            step()
+    report = tracker.report()
+    ratio = report.peak_bytes / est.peak_bytes
+    print(f"\nCPU, {n / 1e6:.0f}M-parameter Llama (hidden {h}, {layers} layers, vocab {vocab}), batch 1 x seq {seq}, "
+          "bf16 weights, in-backward adamw4bit (bf16 stochastic rounding), checkpoint + chunked loss")
+    print("| | peak | params | grads | optimizer | activations | other |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, peak, b in (("estimate", est.peak_bytes, est.breakdown),
+                          (f"measured (memopt.track, steps 2-{args.headline_steps})", report.peak_bytes,
+                           report.peak_breakdown)):
+        print(f"| {name} | {format_bytes(peak)} | " + " | ".join(
+            format_bytes(b.get(c, 0)) for c in ("params", "grads", "optimizer", "activations", "other")) + " |")
+    print(f"measured / estimate: {ratio:.3f}; losses {', '.join(f'{x:.4f}' for x in losses)}; step CPU time "
+          f"(after the first) {statistics.median(times[1:]):.1f} s")
+    out["cpu"] = {"params": n, "estimate": est.peak_bytes, "measured": report.peak_bytes, "ratio": ratio,
+                  "losses": losses}
+    return out
+
+
 def main(argv=None):
     parser = bench_args(__doc__.splitlines()[0])
     parser.set_defaults(steps=50)
@@ -329,8 +405,17 @@ def main(argv=None):
     parser.add_argument("--no-4bit", action="store_true", help="leave out the torchao 4-bit row (it compiles its "
                                                                  "update once per parameter shape)")
     parser.add_argument("--cuda-proof", action="store_true", help="only the CUDA-only rows (skips without CUDA)")
-    parser.add_argument("--no-7b", action="store_true", help="with --cuda-proof: leave out the 7B run")
+    parser.add_argument("--no-7b", action="store_true", help="with --cuda-proof / --headline: leave out the 7B run "
+                                                              "/ plan")
+    parser.add_argument("--headline", action="store_true", help="only the 7B-on-24-GiB recipe: the plan, and the "
+                                                                "recipe on a small Llama on CPU")
+    parser.add_argument("--headline-shape", type=int, nargs=4, default=(640, 12, 32000, 256),
+                        metavar=("HIDDEN", "LAYERS", "VOCAB", "SEQ"), help="--headline's CPU model (default: ~100M "
+                                                                            "parameters, seq 256)")
+    parser.add_argument("--headline-steps", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.headline:
+        return {"headline": headline(args)}
     if args.cuda_proof:
         return {"cuda_proof": cuda_proof(args)}
     if args.int8:

@@ -188,7 +188,7 @@ def _estimate(args: argparse.Namespace) -> int:
     est = memopt.estimate(
         args.config, optimizer=args.optimizer, mode=args.mode, checkpoint=_checkpoint_arg(args.checkpoint),
         attention=_none(args.attention), quant=_none(args.quant), lora=args.lora or None, loss=_none(args.loss),
-        precision=precision.name, **_estimate_kwargs(args),
+        precision=precision.name, **_estimate_kwargs(args), **_optimizer_kwargs(args),
     )
     fits = None if args.budget is None else est.fits(args.budget)
     if args.json:
@@ -202,6 +202,18 @@ def _estimate(args: argparse.Namespace) -> int:
         if fits is not None:
             print(f"fits {args.budget}: {'yes' if fits else 'no'} (no headroom: `memopt plan` keeps some)")
     return 0
+
+
+def _optimizer_kwargs(args: argparse.Namespace) -> dict:
+    """The training flags of `estimate` (left out with --mode generate, where they mean nothing)."""
+    if args.mode == "generate":
+        used = [f for f, on in (("--in-backward", args.in_backward), ("--cpu-offload", args.cpu_offload),
+                                ("--offload", args.offload)) if on]
+        if used:
+            raise SystemExit(f"memopt: {', '.join(used)}: training flags; --mode generate has no optimizer step")
+        return {}
+    return {k: True for k, on in (("in_backward", args.in_backward), ("cpu_offload", args.cpu_offload),
+                                  ("offload", args.offload)) if on}
 
 
 def _list(value: str | None) -> list[str] | None:
@@ -264,6 +276,8 @@ def _plan(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(precision=names)
     if args.optimizer is not None:
         kwargs["optimizer"] = _list(args.optimizer)
+    if args.in_backward is not None:
+        kwargs["in_backward"] = args.in_backward == "yes"
     result = memopt.plan(args.config, args.budget, allow_lora=not args.no_lora, headroom=_headroom(args.headroom),
                          **kwargs, **_estimate_kwargs(args))
     print(json.dumps(result.to_dict(), indent=1) if args.json else result)
@@ -278,6 +292,30 @@ def _add_technique_args(p: argparse.ArgumentParser, optimizers: str) -> None:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (default: no LoRA)")
     p.add_argument("--loss", default="none", help="chunked | none (default: none)")
     p.add_argument("--optimizer", default="adamw", help=f"{optimizers} (default: adamw)")
+
+
+def _optimizer_names() -> str:
+    from .optim import OPTIMIZERS
+
+    return " | ".join(OPTIMIZERS)
+
+
+def _planned_names() -> str:
+    from .estimation import OPTIMIZERS
+
+    return ", ".join(name for name, spec in OPTIMIZERS.items() if spec.plan)
+
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    """`memopt.optimizer`'s flags and activation offloading, as `estimate` takes them."""
+    p.add_argument("--in-backward", action="store_true",
+                   help="the optimizer step fused into backward (memopt.optimizer(..., in_backward=True)): gradients "
+                        "freed as they are applied")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="the optimizer state in host memory (memopt.optimizer(..., cpu_offload=True)); CUDA only")
+    p.add_argument("--offload", action="store_true",
+                   help="activation offloading (memopt.apply(..., offload=True)): CUDA only; with --device cpu it "
+                        "does nothing")
 
 
 def _add_precision_args(p: argparse.ArgumentParser, default: str, many: bool = False) -> None:
@@ -327,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("estimate", help="predict a training step's peak memory without allocating (fake tensors)")
     _add_shape_args(p)
     _add_precision_args(p, "bf16-mixed")
-    _add_technique_args(p, optimizers="adamw | adamw8bit | paged_adamw8bit | sgd")
+    _add_technique_args(p, optimizers=_optimizer_names())
+    _add_optimizer_flags(p)
     p.add_argument("--mode", default="train", help="train | generate (default: train)")
     p.add_argument("--budget", default=None, help="also say whether it fits, e.g. 24GiB")
     p.set_defaults(run=_estimate)
@@ -337,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_precision_args(p, "bf16-mixed", many=True)
     p.add_argument("--budget", required=True, help="device memory, e.g. 24GiB or 80GB")
     p.add_argument("--optimizer", default=None, help="the optimizers the plan may choose, comma-separated "
-                                                     "(default: every one the planner searches: adamw, adamw8bit)")
+                                                     f"(default: every one the planner searches: {_planned_names()})")
+    p.add_argument("--in-backward", default=None, choices=("yes", "no"),
+                   help="yes: only plans with the optimizer step in backward; no: only plans without it (default: "
+                        "both searched)")
     p.add_argument("--headroom", default=None, help="what a plan leaves free: a fraction of the budget (0.1) or a "
                                                     "size (2GiB); default 10%% of the budget + 0.5 GiB on CUDA")
     p.add_argument("--no-lora", action="store_true", help="only options that train every weight (no LoRA)")

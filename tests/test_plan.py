@@ -27,21 +27,24 @@ def _llama(layers=6, vocab=512, hidden=64):
                                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _added_up(config, *, batch_size, seq_len, device, precision, optimizer, world_size=1, fit=True, **options):
+def _added_up(config, *, batch_size, seq_len, device, precision, optimizer, world_size=1, fit=True,
+              in_backward=False, cpu_offload=False, **options):
     """The planner's way: one profile (fitted from 3N and 4N layers, or at full depth) plus the optimizer's part."""
     job = make_job(config, batch_size=batch_size, seq_len=seq_len, inputs=None, loss_fn=None, precision=precision,
                    dtype=None, device=device, world_size=world_size, mode="train")
     opts = {"attention": "sdpa", **options}
     every = options.get("checkpoint") if isinstance(options.get("checkpoint"), int) else 1
     layers = config.num_hidden_layers
-    prof = extrapolate(profile(job, opts, 3 * every), profile(job, opts, 4 * every), 3, every, layers) if fit \
-        else profile(job, opts)
+    ib = dict(in_backward=in_backward)
+    prof = extrapolate(profile(job, opts, 3 * every, **ib), profile(job, opts, 4 * every, **ib), 3, every, layers) \
+        if fit else profile(job, opts, **ib)
     spec = OPTIMIZERS[optimizer]
-    peak, breakdown, phase, state = with_optimizer(prof, spec, device, job.round_to)
+    peak, breakdown, phase, state = with_optimizer(prof, spec, device, job.round_to, cpu_offload)
     peak, breakdown, _ = finish(peak, breakdown, phase, job=job, optimizer=optimizer, added_state=state,
                                 offload=options.get("checkpoint") == "offload",
                                 block_param_bytes=prof.block_param_bytes, root_param_bytes=prof.root_param_bytes,
-                                kept_block_bytes=prof.kept_block_bytes)
+                                kept_block_bytes=prof.kept_block_bytes, in_backward=in_backward,
+                                cpu_offload=cpu_offload)
     return peak, breakdown
 
 
@@ -57,6 +60,21 @@ PARTS = [
     pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw", checkpoint="offload"), id="offload"),
     pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw", checkpoint="full", world_size=2),
                  id="fsdp2"),
+    # issue 16: the step in backward (its updates' working memory at the moment each runs), 4-bit and Adafactor
+    # state, the state in host memory, activation offloading
+    pytest.param(dict(device="cpu", precision="32-true", optimizer="adamw", in_backward=True), id="in-backward-cpu"),
+    pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw", in_backward=True, checkpoint="full",
+                      loss="chunked"), id="in-backward-ckpt-chunked-cuda"),
+    pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw4bit", in_backward=True,
+                      checkpoint="full", loss="chunked"), id="in-backward-4bit"),
+    pytest.param(dict(device="cpu", precision="32-true", optimizer="adafactor", in_backward=True,
+                      checkpoint="selective"), id="in-backward-adafactor"),
+    pytest.param(dict(device="cuda", precision="bf16-mixed", optimizer="adamw8bit", in_backward=True), id="ib-8bit"),
+    pytest.param(dict(device="cuda", precision="32-true", optimizer="adafactor"), id="adafactor-cuda"),
+    pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw", cpu_offload=True, checkpoint="full"),
+                 id="cpu-offload"),
+    pytest.param(dict(device="cuda", precision="bf16-true", optimizer="adamw4bit", in_backward=True,
+                      checkpoint="full", offload=True), id="activation-offload"),
 ]
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ import torch.nn as nn
 from .._units import format_bytes, parse_bytes
 from ..precision import dtype_from_name, dtype_name, resolve_precision
 from ..tracker import CATEGORIES, MemoryReport, track
-from .optimizers import OPTIMIZERS, optimizer_spec, state_bytes
+from .optimizers import OPTIMIZERS, OptimizerSpec, device_state_bytes, optimizer_spec
 from .profile import DEVICES, MODES, Job, block_names, fake_model, make_job, train_step, warm_optimizer
 
 __all__ = ["DEVICES", "MODES", "OPTIMIZERS", "Estimate", "dtype_from_name", "estimate", "finish", "not_counted"]
@@ -78,6 +78,8 @@ class Estimate:
     precision: str = "32-true"
     assumed: list[str] = field(default_factory=list)
     not_counted: list[str] = field(default_factory=list)
+    in_backward: bool = False  # the optimizer step in backward (memopt.optimizer(..., in_backward=True))
+    cpu_offload: bool = False  # the optimizer state in host memory (memopt.optimizer(..., cpu_offload=True))
 
     def fits(self, budget: Any) -> bool:
         """Whether the peak fits `budget` (bytes, or a string such as ``"24GiB"``). No headroom: `memopt.plan`
@@ -137,7 +139,8 @@ def _is_offload(checkpoint: Any) -> bool:
     return checkpoint == "offload" or bool(getattr(checkpoint, "offload", False))
 
 
-def not_counted(device: str, world_size: int = 1, offload: bool = False, optimizer: str = "adamw") -> list[str]:
+def not_counted(device: str, world_size: int = 1, offload: bool = False, optimizer: str = "adamw",
+                cpu_offload: bool = False, activations_offloaded: bool = False) -> list[str]:
     """What an estimate's peak leaves out, for printing."""
     out = []
     if device == "cuda":
@@ -149,8 +152,12 @@ def not_counted(device: str, world_size: int = 1, offload: bool = False, optimiz
         out.append("FSDP2's communication buffers")
     if offload:
         out.append("the host memory of the offloaded block inputs")
+    if activations_offloaded:
+        out.append("the pinned host memory of the offloaded activations")
     if not OPTIMIZERS[optimizer].on_device:
         out.append("the optimizer state in host/unified memory")
+    if cpu_offload:
+        out.append("the optimizer state, the gradients' host copies and the update in host memory (cpu_offload)")
     return out
 
 
@@ -175,19 +182,29 @@ def _fsdp(breakdown: dict[str, int], phase: str, block_param_bytes: int, root_pa
 
 def finish(peak: int, breakdown: dict[str, int], phase: str, *, job: Job, optimizer: str, added_state: int,
            offload: bool, block_param_bytes: int, root_param_bytes: int,
-           kept_block_bytes: int) -> tuple[int, dict[str, int], list[str]]:
+           kept_block_bytes: int, in_backward: bool = False,
+           cpu_offload: bool = False) -> tuple[int, dict[str, int], list[str]]:
     """From one device's step to what `estimate` reports: FSDP2's sharding, offloaded block inputs. `added_state`:
     the optimizer state that was added to `breakdown` from the layout (not run), for the note."""
     notes = []
     breakdown = dict(breakdown)
+    if in_backward:
+        notes.append(f"in_backward: each parameter updated by its own {optimizer} as soon as its gradient is "
+                     "accumulated, and the gradient freed: no step after backward holding every gradient "
+                     f"({format_bytes(breakdown.get('grads', 0))} of gradients at the peak)")
     if job.world_size > 1:
         peak, breakdown, fsdp_notes = _fsdp(breakdown, phase, block_param_bytes, root_param_bytes, job.world_size)
         notes += fsdp_notes
     spec = OPTIMIZERS[optimizer]
-    if spec.torch_optimizer is None:
+    if cpu_offload:
+        notes.append(f"cpu_offload: {optimizer}'s state and update in host memory (torchao's CPUOffloadOptimizer); on "
+                     f"the device only the state of parameters under 4096 values ({format_bytes(added_state)})"
+                     + ("; with in_backward each gradient leaves the device as it is computed" if in_backward else
+                        "; every gradient on the device until step() copies it to the host"))
+    elif spec.torch_optimizer is None:
         if spec.on_device:
-            notes.append(f"{optimizer} state sized from bitsandbytes' layout: {format_bytes(added_state)}; its step "
-                         "updates in place")
+            notes.append(f"{optimizer} state sized from its layout (memopt.optim.OPTIMIZERS[{optimizer!r}]): "
+                         f"{format_bytes(added_state)}; its step updates in place")
         else:
             notes.append(f"{optimizer} state ({format_bytes(added_state)}) lives in CUDA unified memory, paged to the "
                          "host under pressure: not counted on the device")
@@ -206,10 +223,70 @@ def finish(peak: int, breakdown: dict[str, int], phase: str, *, job: Job, optimi
     return peak, breakdown, notes
 
 
-def assumptions(job: Job, optimizer: str) -> list[str]:
+def assumptions(job: Job, optimizer: str, in_backward: bool = False, cpu_offload: bool = False) -> list[str]:
     p = job.precision
+    how = [w for w, on in (("step in backward", in_backward), ("state in host memory", cpu_offload)) if on]
     return [f"precision {p.name!r} (from {job.precision_from}): {p.summary}",
-            f"optimizer {optimizer!r}: {OPTIMIZERS[optimizer].summary}"]
+            f"optimizer {optimizer!r}{' (' + ', '.join(how) + ')' if how else ''}: {OPTIMIZERS[optimizer].summary}"]
+
+
+class _InPlace(torch.optim.Optimizer):
+    """The stand-in for an optimizer that cannot run on fake tensors (bitsandbytes' kernels, torchao's compiled
+    step, an update on the host): its state is the layout's tensors (`memopt.optim.OPTIMIZERS`), created at once,
+    and its step updates in place (``p -= lr * grad``), allocating nothing, as their fused kernels do."""
+
+    def __init__(self, params: list, layout: Callable[[Any], list], shared: list) -> None:
+        super().__init__(params, {"lr": 1e-3})
+        for p in params:
+            self.state[p].update({f"state{i}": torch.empty(shape, dtype=dtype)
+                                  for i, (shape, dtype) in enumerate(layout(p))})
+        if shared and params:  # per optimizer instance (bitsandbytes' quantization maps)
+            self.state[params[0]].update({f"shared{i}": torch.empty(shape, dtype=dtype)
+                                          for i, (shape, dtype) in enumerate(shared)})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def fake_optimizer(spec: OptimizerSpec, params: list, device: str, in_backward: bool = False,
+                   cpu_offload: bool = False) -> tuple[torch.optim.Optimizer, bool]:
+    """The optimizer of the fake step, its state already there (as in every step after the first): the torch
+    optimizer itself where it runs on fake tensors, else `_InPlace` holding the layout's state; with `in_backward`
+    one of them per parameter, stepped from backward (`memopt.optim.InBackwardOptimizer`); with `cpu_offload` the
+    state of the parameters torchao's CPUOffloadOptimizer keeps on the device (under 4096 values) only. Returns
+    (optimizer, whether it is the real one)."""
+    from .optimizers import CPU_OFFLOAD_MIN_SIZE
+
+    real = spec.torch_optimizer is not None and not cpu_offload  # cpu_offload: the update runs on the host
+    skip = len(spec.shared)
+
+    def layout(p: Any) -> list:
+        if cpu_offload and p.numel() >= CPU_OFFLOAD_MIN_SIZE:
+            return []
+        return list(spec.state([p]))[skip:] if spec.on_device else []
+
+    def make(ps: list) -> torch.optim.Optimizer:
+        if real:
+            return spec.torch_optimizer(ps, device)
+        kept = spec.on_device and any(layout(p) or not cpu_offload for p in ps)
+        return _InPlace(ps, layout, spec.shared if kept else [])
+
+    if not in_backward:
+        opt = make(params)
+        if real:
+            warm_optimizer(opt, params, spec)
+        return opt, real
+    from ..optim.in_backward import InBackwardOptimizer
+
+    opt = InBackwardOptimizer(params, make, name=spec.name)
+    if real:
+        for p, inner in list(opt.optimizers.items()):
+            warm_optimizer(inner, [p], spec)
+    return opt, real
 
 
 def estimate(
@@ -231,6 +308,9 @@ def estimate(
     lora: Any = None,
     loss: Any = None,
     blocks: Any = None,
+    in_backward: bool = False,
+    cpu_offload: bool = False,
+    offload: Any = None,
     # mode="generate" only (memopt/estimation/generate.py):
     kv_cache: Any = None,
     new_tokens: int | None = None,
@@ -249,9 +329,21 @@ def estimate(
         loss_fn: ``loss_fn(model, batch) -> loss``: the step's loss as your loop computes it. Default: the loss the
             model returns (``.loss``, a ``"loss"`` entry, a scalar output, the scalar of a ``(logits, loss)`` tuple),
             else a stand-in on its first output (said in the notes).
-        optimizer: a name in `memopt.estimation.OPTIMIZERS`: ``"adamw"`` (torch AdamW: 8 bytes of state per float32
-            parameter), ``"adamw8bit"`` (~2 bytes), ``"paged_adamw8bit"`` (state in CUDA unified memory: not counted on
-            the device; CUDA only) or ``"sgd"`` (no state).
+        optimizer: a name in `memopt.optim.OPTIMIZERS` (the registry `memopt.optimizer` builds from; its layouts
+            size the state): ``"adamw"`` (torch AdamW: 8 bytes of state per float32 parameter), ``"adamw8bit"`` (~2
+            bytes), ``"adamw4bit"`` (torchao, ~1.06 bytes), ``"adafactor"`` (torch, ~0.03 bytes: factored second
+            moment), ``"paged_adamw8bit"`` (state in CUDA unified memory: not counted on the device; CUDA only) or
+            ``"sgd"`` (no state).
+        in_backward: the step of `memopt.optimizer(..., in_backward=True)`: each parameter updated as soon as its
+            gradient is accumulated and the gradient freed, so gradients live a few at a time and there is no step
+            after backward holding all of them (the peak loses up to the trainable parameters' size).
+        cpu_offload: `memopt.optimizer(..., cpu_offload=True)` (CUDA only): the state and the update in host memory
+            (only parameters under 4096 values keep theirs on the device); with `in_backward` the gradients leave the
+            device as they are computed.
+        offload: as `memopt.apply` (``True`` or an `OffloadConfig`): with ``device="cuda"`` the tensors saved for
+            backward outside checkpointed blocks are counted in host memory (the device keeps the copies in flight
+            and the ones brought back); with ``device="cpu"`` it does nothing (said in the notes), as in
+            `memopt.apply`.
         precision: ``"32-true"``, ``"bf16-mixed"`` (float32 weights, gradients and optimizer state, bf16 autocast:
             16 bytes per trainable parameter with AdamW plus autocast's bf16 weight copies), ``"16-mixed"`` (the same
             in fp16, with a GradScaler), ``"bf16-true"`` (everything bf16: 8 bytes per parameter with AdamW) or
@@ -305,6 +397,16 @@ def estimate(
     from ..config import quant_config
 
     spec = optimizer_spec(optimizer)
+    for flag, value in (("in_backward", in_backward), ("cpu_offload", cpu_offload)):
+        if not isinstance(value, bool):
+            raise TypeError(f"estimate({flag}={value!r}) must be True or False")
+    if cpu_offload and device != "cuda":
+        raise ValueError("estimate(cpu_offload=True) moves the optimizer state from a CUDA device to host memory; with "
+                         "device='cpu' the state is in host memory already: drop cpu_offload=True (or use "
+                         "device='cuda')")
+    if cpu_offload and spec.cuda_only:
+        raise ValueError(f"cpu_offload=True with optimizer={optimizer!r}: it already pages its state to the host; use "
+                         "'adamw8bit' or 'adamw' with cpu_offload=True")
     job = make_job(model, batch_size=batch_size, seq_len=seq_len, inputs=inputs, loss_fn=loss_fn,
                    precision=precision, dtype=dtype, device=device, world_size=world_size, mode=mode)
     if spec.cuda_only and device != "cuda" and mode == "train":
@@ -312,7 +414,7 @@ def estimate(
                          "device='cpu' use 'adamw8bit'")
     quant_config(quant)  # a bad value raises before anything is built
     options = {k: v for k, v in dict(kv_heads=kv_heads, quant=quant, checkpoint=checkpoint, attention=attention,
-                                     lora=lora, loss=loss, blocks=blocks).items()
+                                     lora=lora, loss=loss, blocks=blocks, offload=offload).items()
                if v not in (None, False) or k == "attention"}
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -321,34 +423,37 @@ def estimate(
         trainable = [p for p in net.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameter: nothing to estimate a training step for")
-        if spec.torch_optimizer is not None:
-            opt = spec.torch_optimizer(trainable, device)
-        else:  # the state is added from the layout below; the step itself updates in place
-            opt = torch.optim.SGD(trainable, lr=1e-3, foreach=device == "cuda")
-        warm_optimizer(opt, trainable, spec)  # the state exists in the tracked step, as in every step after the first
+        # the state exists in the tracked step, as in every step after the first; where the real optimizer cannot
+        # run on fake tensors it is added from the layout below, and the step itself updates in place
+        opt, real = fake_optimizer(spec, trainable, device, in_backward, cpu_offload)
         with track(net, opt, round_to=job.round_to) as tracker:
             train_step(net, job, opt, notes)
         report = tracker.report()
-        added = 0 if spec.torch_optimizer is not None else state_bytes(spec, trainable, job.round_to or 1)
+        if in_backward:
+            opt.remove()
+        # the layout's state is in the stand-in's `state`, counted by the tracker: `added` only says how much
+        added = 0 if real else device_state_bytes(spec, trainable, job.round_to or 1, in_backward, cpu_offload)
         blocks_ = block_names(net)
         depth = _block_depth(net)
 
     peak, breakdown, phase = report.peak_bytes, dict(report.peak_breakdown), report.peak_at.get("phase", "")
-    if added:
-        peak += added
-        breakdown["optimizer"] += added
+    if in_backward and phase == "optimizer":  # an update in backward
+        phase = "backward"
     block_params = [sum(layer.param_bytes for layer in report.layers
                         if layer.name == b or layer.name.startswith(b + ".")) for b in blocks_]
     kept = sum(r.activation_bytes for r in report.rows() if r.name in set(blocks_))
-    offload = _is_offload(checkpoint)
+    ckpt_offload = _is_offload(checkpoint)
     peak, breakdown, more = finish(
         peak, breakdown, phase, job=job, optimizer=optimizer,
-        added_state=added if spec.torch_optimizer is None else 0, offload=offload,
-        block_param_bytes=max(block_params, default=0),
-        root_param_bytes=report.total("param_bytes") - sum(block_params), kept_block_bytes=kept)
+        added_state=added, offload=ckpt_offload, block_param_bytes=max(block_params, default=0),
+        root_param_bytes=report.total("param_bytes") - sum(block_params), kept_block_bytes=kept,
+        in_backward=in_backward, cpu_offload=cpu_offload)
     notes += more
     report.device = f"{device} (estimate)"
     return Estimate(peak, breakdown, report, options, optimizer, device, dtype_name(job.precision.param_dtype),
                     batch_size, seq_len, world_size, mode, report.total("param_bytes"), None, None,
-                    time.perf_counter() - started, notes, depth, job.precision.name, assumptions(job, optimizer),
-                    not_counted(device, world_size, offload, optimizer))
+                    time.perf_counter() - started, notes, depth, job.precision.name,
+                    assumptions(job, optimizer, in_backward, cpu_offload),
+                    not_counted(device, world_size, ckpt_offload, optimizer, cpu_offload,
+                                device == "cuda" and offload not in (None, False)),
+                    in_backward, cpu_offload)

@@ -357,3 +357,72 @@ class FakeGradScaler:
 
     def update(self) -> None:
         torch._amp_update_scale_(self._scale, self._growth_tracker, self._found_inf, 2.0, 0.5, 2000)
+
+
+# -- activation offloading, as memopt's streams do it on CUDA -------------------------------------------------------
+class _Gone:
+    """What autograd keeps for an offloaded tensor: its shape, strides and dtype (the host copy is not on the
+    device), and the device copy while it is back."""
+
+    __slots__ = ("shape", "stride", "dtype", "index", "loaded")
+
+    def __init__(self, t: torch.Tensor, index: int) -> None:
+        self.shape, self.stride, self.dtype, self.index = tuple(t.shape), tuple(t.stride()), t.dtype, index
+        self.loaded: torch.Tensor | None = None
+
+
+class FakeOffload:
+    """`memopt.transforms.offload.OffloadActivations` on fake tensors, for a CUDA estimate: the same tensors go (not
+    parameters or their views, not under ``min_bytes``, not in backward; a tensor saved twice once), the host copies
+    are not counted, and the device keeps what memopt's streams may keep at worst: in forward the last
+    ``max_fwd_stash`` offloaded tensors (their copies in flight), in backward each one brought back with the
+    ``prefetch`` needed next."""
+
+    def __init__(self, config: Any, keep: list[torch.Tensor]) -> None:
+        self.config = config
+        self._keep = {t.untyped_storage()._cdata for t in keep}
+
+    @contextlib.contextmanager
+    def hooks(self):
+        import collections
+
+        order: list[_Gone] = []
+        seen: dict[int, tuple[Any, _Gone]] = {}
+        stash: collections.deque = collections.deque()
+        started = [False]
+        import weakref
+
+        def pack(t: torch.Tensor) -> Any:
+            if torch._C._current_graph_task_id() != -1 or isinstance(t, nn.Parameter) or \
+                    t.untyped_storage().nbytes() < self.config.min_bytes or \
+                    t.untyped_storage()._cdata in self._keep:
+                return t
+            hit = seen.get(id(t))
+            if hit is not None and hit[0]() is t:
+                return hit[1]
+            handle = _Gone(t, len(order))
+            order.append(handle)
+            seen[id(t)] = (weakref.ref(t), handle)
+            stash.append(t)
+            while len(stash) > self.config.max_fwd_stash:
+                stash.popleft()
+            return handle
+
+        def load(handle: _Gone) -> None:
+            if handle.loaded is None:
+                handle.loaded = torch.empty_strided(handle.shape, handle.stride, dtype=handle.dtype)
+
+        def unpack(saved: Any) -> torch.Tensor:
+            if not isinstance(saved, _Gone):
+                return saved
+            if not started[0]:
+                started[0] = True
+                stash.clear()
+            load(saved)
+            for ahead in order[max(saved.index - self.config.prefetch, 0):saved.index][::-1]:
+                load(ahead)
+            out, saved.loaded = saved.loaded, None
+            return out
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield

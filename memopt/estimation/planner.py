@@ -2,14 +2,16 @@
 dimensions.
 
 The search space is `SEARCH_SPACE`: one `Dimension` per choice (precision, what trains, checkpointing, the loss, the
-optimizer), each a tuple of `Option` values with the step-time factor they cost and where that figure comes from. A
+optimizer, the optimizer step in backward, activation offloading and the optimizer state in host memory, the last two
+on CUDA only), each a tuple of `Option` values with the step-time factor they cost and where that figure comes from. A
 plan is one option per dimension. Adding an option is one `register_option` call (an optimizer is one entry in
 `memopt.estimation.OPTIMIZERS`, which the optimizer dimension reads); a new kind of choice is one `Dimension` (its
 ``fake_step`` says whether its options change the forward and backward, so that each needs a fake step, or add up
 with a step's profile exactly, as optimizers do; ``modes`` which estimate modes it applies to).
 
 Order: plans that train every weight first (LoRA ones only with ``allow_lora``), then the preferred precision (the
-order of ``precision=``), then the predicted step time (the product of the options' factors), then the fewest
+order of ``precision=``), then AdamW's update (exact, or from 8/4-bit moments) before another rule (Adafactor), then
+the predicted step time (the product of the options' factors), then the fewest
 changes from the defaults. `plan` walks that order and returns the first plan whose peak fits the budget less the
 headroom; every plan before it is listed with why it did not fit (its estimated peak, or its parameters, gradients
 and optimizer state alone).
@@ -31,7 +33,7 @@ from typing import Any, Callable
 from .._units import format_bytes, parse_bytes
 from ..precision import PRECISIONS, precision_config, resolve_precision
 from .estimator import Estimate, _is_offload, _plain, estimate, finish
-from .optimizers import OPTIMIZERS, ParamShape, state_bytes
+from .optimizers import OPTIMIZERS, ParamShape, device_state_bytes
 from .profile import NotAffine, extrapolate, make_job, profile, signature, with_optimizer
 
 _GiB = 2**30
@@ -55,6 +57,10 @@ class Option:
         every: the checkpointing period (the depth fit steps over groups of this many layers).
         same_step_as: the value of another option of the dimension whose fake step this one shares (offloaded
             checkpointing runs as full checkpointing on fake tensors; the offloaded inputs are taken off after).
+        only_with: ``{dimension: (values, ...)}``: searched only in plans whose option of that dimension is one of
+            these (activation offloading only with full checkpointing, whose block inputs are all it has to copy;
+            without it, or with every-N checkpointing's unwrapped blocks, whole layers' activations cross PCIe twice
+            a step, slower than recomputing them).
     """
 
     name: str
@@ -67,6 +73,7 @@ class Option:
     every: int = 1
     aliases: tuple = ()
     same_step_as: Any = None
+    only_with: dict = field(default_factory=dict)  # dimension -> the values of it this option combines with
 
     def matches(self, value: Any) -> bool:
         return any(value is v or (type(value) is type(v) and value == v) for v in (self.value, *self.aliases))
@@ -100,6 +107,10 @@ def _optimizer_options() -> tuple[Option, ...]:
                  for s in OPTIMIZERS.values() if s.plan)
 
 
+# keywords of `estimate` that are not `memopt.apply`'s: the optimizer's (memopt.optimizer) and the precision
+_NOT_APPLY = ("precision", "optimizer", "in_backward", "cpu_offload")
+
+
 # Step-time factors: checkpointing measured on the bench model with benchmarks/checkpoint.py (selective 1.03x,
 # every-2 1.09x, full 1.21x of no checkpointing); the chunked loss measured 0.75-0.91x on CPU (benchmarks/loss.py) and
 # counted as 1.00 (CUDA's fused cross-entropy is fast); the others as published, and marked as such.
@@ -130,6 +141,25 @@ SEARCH_SPACE: dict[str, Dimension] = {d.name: d for d in (
                "measured 0.75-0.91x on CPU (benchmarks/loss.py), counted as 1.00"),
     )),
     Dimension("optimizer", _optimizer_options, fake_step=False, sets_params=False),
+    Dimension("in_backward", (
+        Option("optimizer step after backward", False, {}, aliases=(None,)),
+        Option("optimizer step in backward", True, {"in_backward": True}, 1.00,
+               "assumed: one optimizer call per parameter instead of one foreach call, negligible for large "
+               "parameters (torchtune's optimizer_in_bwd); benchmarks/fullft.py measures it on CPU"),
+    )),
+    Dimension("offload", (
+        Option("no activation offloading", False, {}, aliases=(None,)),
+        Option("activation offloading", True, {"offload": True}, 1.05,
+               "assumed: the checkpointed blocks' inputs copied on side streams, mostly hidden behind compute "
+               "(torchtune's OffloadActivations); unmeasured here (no CUDA)", needs_cuda=True,
+               only_with={"checkpoint": ("full",)}),
+    )),
+    Dimension("cpu_offload", (
+        Option("optimizer state on the device", False, {}, aliases=(None,)),
+        Option("optimizer state in host memory", True, {"cpu_offload": True}, 2.00,
+               "assumed: the update runs on the CPU, and every gradient and parameter crosses PCIe each step "
+               "(torchao's CPUOffloadOptimizer)", needs_cuda=True),
+    ), fake_step=False),
 )}
 
 
@@ -157,6 +187,8 @@ class Candidate:
     how: str
     trains_all: bool = True
     parts: dict[str, str] = field(default_factory=dict)  # dimension -> option name
+    in_backward: bool = False
+    cpu_offload: bool = False
 
     @property
     def reason(self) -> str:
@@ -178,6 +210,8 @@ class Plan:
         slowdown: the predicted step time over a plain full fine-tune step in the same precision, with
             ``slowdown_source``.
         tried: the plans considered before it, and it, in the order searched (`Candidate`).
+        in_backward, cpu_offload: the `memopt.optimizer` flags of the plan (``memopt.optimizer(model,
+            plan.optimizer, in_backward=plan.in_backward, cpu_offload=plan.cpu_offload)``).
         searched: how many plans the search space held; notes: how the search went.
     """
 
@@ -200,6 +234,8 @@ class Plan:
     headroom: str = ""
     notes: list[str] = field(default_factory=list)
     space: dict[str, list[str]] = field(default_factory=dict)  # dimension -> the option names searched
+    in_backward: bool = False  # memopt.optimizer(model, plan.optimizer, in_backward=True)
+    cpu_offload: bool = False  # memopt.optimizer(model, plan.optimizer, cpu_offload=True)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -217,17 +253,21 @@ class Plan:
                  + (f", world size {est.world_size}" if est.world_size > 1 else "") + "; searched: "
                  + "; ".join(f"{dim} {' | '.join(names)}" for dim, names in self.space.items()),
                  "  not counted in the peaks: " + "; ".join(est.not_counted),
-                 f"{self.searched} plans, in order of what trains, precision, step time; these came first:"
+                 f"{self.searched} plans, in order of what trains, precision, update rule, step time; these came first:"
                  if len(self.tried) > 1 else f"{self.searched} plans; the first one:"]
         lines += _grouped(self.tried, self.space)
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        call = (f"memopt.apply(model{', ' + opts if opts else ''}); memopt.optimizer(model, {self.optimizer!r}); "
-                f"precision {self.precision!r}")
+        flags = "".join(f", {k}=True" for k, v in (("in_backward", self.in_backward),
+                                                     ("cpu_offload", self.cpu_offload)) if v)
+        call = (f"memopt.apply(model{', ' + opts if opts else ''}); "
+                f"memopt.optimizer(model, {self.optimizer!r}{flags}); precision {self.precision!r}")
         if self.fits:
             lines.append(f"plan: {self.name}: peak {format_bytes(est.peak_bytes)} (a full estimate), predicted step "
                          f"time {self.slowdown:.2f}x a plain full fine-tune step in this precision "
                          f"({self.slowdown_source})")
             lines.append(f"  {call}")
+            lines.append("  at the peak: " + ", ".join(f"{cat} {format_bytes(n)}" for cat, n in est.breakdown.items()
+                                                       if n))
             lines += [f"  {a}" for a in est.assumed]
             if self.changes_training:
                 lines.append("  note: with LoRA only the adapters train (a different fine-tune than a full one)")
@@ -269,7 +309,7 @@ def _grouped(tried: list[Candidate], space: dict[str, list[str]] | None = None) 
                 names = list(dict.fromkeys(g.parts.get(dim, "") for g in group))
                 every = space is not None and len(names) > 1 and set(names) == set(space.get(dim, ()))
                 varying.append(f"any {dim}" if every else " / ".join(names))
-            label = ", ".join([c.precision] + [v for k, v in line[0] if k != "precision"]) + \
+            label = ", ".join([c.precision] + [v for k, v in line[0] if k != "precision" and not _is_default(k, v)]) + \
                 f" ({len(group)} plans: {'; '.join(v for v in varying if v)})"
         out.append(f"  over  >={format_bytes(c.bound_bytes):>11}  {min(g.slowdown for g in group):.2f}x  {label}: "
                    f"{c.how}")
@@ -277,6 +317,13 @@ def _grouped(tried: list[Candidate], space: dict[str, list[str]] | None = None) 
 
 
 _FOLDED = ("checkpoint", "loss")
+
+
+def _is_default(dimension: str, name: str) -> bool:
+    """Whether `name` is the default option of `dimension` (left out of a plan's name; what trains and the optimizer
+    are always said)."""
+    dim = SEARCH_SPACE.get(dimension)
+    return dim is not None and dimension not in ("weights", "optimizer") and dim.all_options()[0].name == name
 
 
 def _headroom(headroom: Any, budget: int, device: str) -> tuple[int, str, Callable[[int], int]]:
@@ -314,10 +361,14 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
             0 lets a plan fill the budget.
         allow_lora: also consider plans that train LoRA adapters instead of every weight (on the base as is,
             4-bit or 8-bit): they change what is trained.
-        precision, weights, checkpoint, loss, optimizer: restrict a dimension of `SEARCH_SPACE` to one value or a
-            list of them (``precision=["bf16-mixed", "bf16-true"]`` searches both, the first preferred;
-            ``optimizer="adamw"`` keeps torch AdamW). The precision defaults to the one `estimate` would assume
-            (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
+        precision, weights, checkpoint, loss, optimizer, in_backward, offload, cpu_offload: restrict a dimension of
+            `SEARCH_SPACE` to one value or a list of them (``precision=["bf16-mixed", "bf16-true"]`` searches both,
+            the first preferred; ``optimizer="adamw"`` keeps torch AdamW; ``in_backward=True`` only steps in
+            backward; ``offload=False`` no activation offloading). The optimizers are every `memopt.optim` name the
+            estimator plans (adamw, adamw8bit, adamw4bit, adafactor); the step in backward drops the gradients from
+            the peak at about AdamW's step time; activation offloading (with full checkpointing only) and the state
+            in host memory are searched with ``device="cuda"``. The precision defaults to the one `estimate` would
+            assume (``dtype=``, else the config's dtype as "-true"): pass a list to let the plan choose.
         mode: ``"generate"``: how many sequences of `seq_len` fit, and with which KV cache, weights and vLLM
             settings (`memopt.estimation.generate.plan_generate`: new_tokens=, sequences=, kv_caches=,
             allow_quant=, kv_heads=, page_size=, device_memory=); returns a `GeneratePlan`.
@@ -362,11 +413,17 @@ def plan(model: Any, budget: Any = "24GiB", *, batch_size: int = 1, seq_len: int
     fits = best.fits and est.peak_bytes <= usable
     needed = budget_for(est.peak_bytes)
     notes += search.notes
+    from ..optim import OPTIMIZERS as _REGISTRY
+
+    entry = _REGISTRY.get(best.candidate.optimizer)
+    if entry is not None and not entry.available():  # planned from its layout; training needs its library
+        notes.append(f"optimizer {entry.name!r} needs {entry.requires}, which is not installed here: pip install "
+                     + (f'"memopt[{entry.extra}]"' if entry.extra else entry.requires))
     sources = [f"{o.name} {o.slowdown:.2f}x ({o.source})" for o in best.chosen if o.slowdown != 1.0]
     return Plan(fits, budget_bytes, head, usable, best.candidate.name, best.apply_options, best.candidate.optimizer,
                 best.candidate.precision, est, best.candidate.slowdown, "; ".join(sources) or "baseline", needed,
                 not best.candidate.trains_all, tried, len(space), time.perf_counter() - started, head_text, notes,
-                search.searched)
+                search.searched, best.candidate.in_backward, best.candidate.cpu_offload)
 
 
 @dataclass
@@ -430,7 +487,12 @@ class _Search:
             self.notes.append("not searched: " + ", ".join(skipped))
         defaults = [d.all_options()[0] for d in dims]
         choices = []
+        names = [d.name for d in dims]
         for index, combo in enumerate(itertools.product(*per_dim)):
+            values = {n: o for n, o in zip(names, combo)}
+            if any(n in values and not any(values[n].matches(v) for v in allowed)
+                   for o in combo for n, allowed in o.only_with.items()):
+                continue
             kwargs: dict[str, Any] = {}
             for o in combo:
                 kwargs.update(o.kwargs)
@@ -440,15 +502,20 @@ class _Search:
             trains_all = all(o.trains_all for o in combo)
             precision = kwargs.get("precision", self.job.precision.name)
             optimizer = kwargs.get("optimizer", "adamw")
-            apply_options = {k: v for k, v in kwargs.items() if k not in ("precision", "optimizer")}
+            apply_options = {k: v for k, v in kwargs.items() if k not in _NOT_APPLY}
+            spec = OPTIMIZERS[optimizer]
+            if kwargs.get("cpu_offload") and spec.cuda_only:
+                continue
             name = ", ".join(o.name for d, o in zip(dims, combo) if d.name != "precision" and
                              (o is not d.all_options()[0] or d.name in ("weights", "optimizer")))
             name = f"{precision}, {name}"
             cand = Candidate(name, precision, apply_options, optimizer, round(slowdown, 4), None, 0, False, "",
-                             trains_all, {d.name: o.name for d, o in zip(dims, combo)})
+                             trains_all, {d.name: o.name for d, o in zip(dims, combo)},
+                             bool(kwargs.get("in_backward")), bool(kwargs.get("cpu_offload")))
             changes = sum(o is not dflt for o, dflt in zip(combo, defaults))
             pref = per_dim[0].index(combo[0]) if dims[0].name == "precision" else 0
-            choices.append(((not trains_all, pref, round(slowdown, 6), changes, index),
+            # AdamW (exact or from quantized moments) before another update rule (Adafactor) of the same weights
+            choices.append(((not trains_all, pref, not getattr(spec, "adam", True), round(slowdown, 6), changes, index),
                             _Choice(combo, cand, kwargs, apply_options)))
         choices.sort(key=lambda kc: kc[0])
         return [c for _, c in choices]
@@ -558,7 +625,12 @@ class _Search:
         if key not in self._params:
             self._params[key] = self._parameters(choice)
         params, trainable, grads = self._params[key]
-        state = state_bytes(OPTIMIZERS[choice.candidate.optimizer], trainable, self.job.round_to or 1)
+        cand = choice.candidate
+        if cand.in_backward:  # gradients a few at a time: at least the largest one
+            r = self.job.round_to or 1
+            grads = max((-(-ParamShape(s, d).numel() * d.itemsize // r) * r for s, d in trainable), default=0)
+        state = device_state_bytes(OPTIMIZERS[cand.optimizer], trainable, self.job.round_to or 1, cand.in_backward,
+                                   cand.cpu_offload)
         return (params + grads + state) // self.job.world_size
 
     def _partial_bound(self, choice: _Choice) -> tuple[int, str] | None:
@@ -567,15 +639,27 @@ class _Search:
         (3-layer peak + the other layers' parameters) + the state. None where it does not apply."""
         every = max((o.every for o in choice.chosen), default=1)
         key = self._family(choice, params_only=False)
+        cand = choice.candidate
+        spec = OPTIMIZERS[cand.optimizer]
+        if cand.in_backward and key not in self._profiles and self.job.world_size == 1 and \
+                not _is_offload(choice.apply_options.get("checkpoint")):
+            # the same step with the update after backward, profiled already: the step in backward frees gradients
+            # and nothing else, so its peak is at least that step's less every gradient
+            sibling = self._profiles.get(tuple((n, False if n == "in_backward" else v) for n, v in key))
+            if sibling is not None:
+                state = device_state_bytes(spec, sibling.trainable, self.job.round_to or 1, True, cand.cpu_offload)
+                return (sibling.peak - sibling.grad_bytes + state,
+                        "the same step with the update after backward, less every gradient")
         if key in self._profiles or not self._fits_depth(every) or self.job.world_size > 1 or \
-                _is_offload(choice.apply_options.get("checkpoint")):
+                _is_offload(choice.apply_options.get("checkpoint")) or choice.apply_options.get("offload"):
             return None
         low = self._low_profile(choice, every)
         more = self._layers - 3 * every
-        block_grads = sum(-(-ParamShape(s, d).numel() * d.itemsize // (self.job.round_to or 1)) *
-                          (self.job.round_to or 1) for s, d in low.block_trainable)
-        spec = OPTIMIZERS[choice.candidate.optimizer]
-        state = state_bytes(spec, low.root_trainable + low.block_trainable * self._layers, self.job.round_to or 1)
+        block_grads = 0 if cand.in_backward else \
+            sum(-(-ParamShape(s, d).numel() * d.itemsize // (self.job.round_to or 1)) * (self.job.round_to or 1)
+                for s, d in low.block_trainable)
+        state = device_state_bytes(spec, low.root_trainable + low.block_trainable * self._layers,
+                                   self.job.round_to or 1, cand.in_backward, cand.cpu_offload)
         # when backward starts every block still holds what it keeps for backward: at least the smallest of them
         kept = self._layers * min(low.block_activation_bytes, default=0)
         params, _, _ = self._params[self._family(choice, params_only=True)]
@@ -592,7 +676,8 @@ class _Search:
     def _low_profile(self, choice: _Choice, every: int):
         key = self._family(choice, params_only=False)
         if key not in self._low:
-            self._low[key] = profile(self._job(choice), self._options(choice), 3 * every)
+            self._low[key] = profile(self._job(choice), self._options(choice), 3 * every,
+                                     in_backward=choice.candidate.in_backward)
         return self._low[key]
 
     def _parameters(self, choice: _Choice) -> tuple[int, list, int]:
@@ -634,11 +719,13 @@ class _Search:
         prof = self._profile(choice)
         job = self._job(choice)
         spec = OPTIMIZERS[choice.candidate.optimizer]
-        peak, breakdown, phase, state = with_optimizer(prof, spec, self.device, job.round_to)
+        cand = choice.candidate
+        peak, breakdown, phase, state = with_optimizer(prof, spec, self.device, job.round_to, cand.cpu_offload)
         peak, _, _ = finish(peak, breakdown, phase, job=job, optimizer=spec.name, added_state=state,
                             offload=_is_offload(choice.apply_options.get("checkpoint")),
                             block_param_bytes=prof.block_param_bytes, root_param_bytes=prof.root_param_bytes,
-                            kept_block_bytes=prof.kept_block_bytes)
+                            kept_block_bytes=prof.kept_block_bytes, in_backward=cand.in_backward,
+                            cpu_offload=cand.cpu_offload)
         return peak, prof.how
 
     def _profile(self, choice: _Choice):
@@ -651,11 +738,12 @@ class _Search:
         if self._fits_depth(every):
             try:
                 low = self._low_profile(choice, every)
-                prof = extrapolate(low, profile(job, options, 4 * every), 3, every, self._layers)
+                prof = extrapolate(low, profile(job, options, 4 * every, in_backward=choice.candidate.in_backward), 3,
+                                   every, self._layers)
             except NotAffine as exc:
                 self.notes.append(f"{choice.candidate.name}: the depth fit does not hold ({exc}); a full-depth step")
         if prof is None:
-            prof = profile(job, options)
+            prof = profile(job, options, in_backward=choice.candidate.in_backward)
         self._profiles[key] = prof
         return prof
 

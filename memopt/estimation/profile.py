@@ -9,7 +9,12 @@ runs its forward and backward as a training loop does (autocast for the mixed pr
                live bytes when the step starts + optimizer state + the step's working memory)
 
 The state comes from the optimizer's layout (`optimizers.OPTIMIZERS`), the working memory from running the torch
-optimizer alone on fake parameters of the same shapes: any optimizer, one fake forward and backward.
+optimizer alone on fake parameters of the same shapes: any optimizer, one fake forward and backward. With the step in
+backward (``in_backward``) there is no step after backward; the profile keeps, per parameter shape, the live bytes at
+the moments parameters of that shape are updated, and one parameter's update's working memory adds to those:
+
+    peak = max(peak of forward and backward, max over shapes (live at its updates + its update's working memory))
+           + optimizer state
 
 Depth adds up too. For a model whose decoder layers are all alike, each segment of the step (the part before the
 blocks, each block's forward and backward, the part between two blocks, the part after them) peaks at a value that is
@@ -22,6 +27,7 @@ full `estimate`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,9 +38,9 @@ import torch.nn as nn
 from ..precision import Precision, resolve_precision
 from ..tracker import CATEGORIES
 from ..tracker.tracking import Tracker, track
-from .fake_step import (FakeGradScaler, _adapters_stay_put, _call, _fake_like_meta, _fake_quantize, _hf_batch,
-                        build_model, find_loss, real_data_answers, with_layers)
-from .optimizers import OptimizerSpec, state_bytes
+from .fake_step import (FakeGradScaler, FakeOffload, _adapters_stay_put, _call, _fake_like_meta, _fake_quantize,
+                        _hf_batch, build_model, find_loss, real_data_answers, with_layers)
+from .optimizers import OptimizerSpec, ParamShape, device_state_bytes
 
 DEVICES = ("cuda", "cpu")
 MODES = ("train", "generate")
@@ -120,6 +126,7 @@ def fake_model(job: Job, options: dict, layers: int | None = None) -> tuple[nn.M
     kv_heads = options.pop("kv_heads", None)
     if kv_heads is not None and kv_heads is not False:  # first, as in memopt.apply: before the quantization stand-ins
         memopt_apply(net, kv_heads=kv_heads, attention=None)
+    offload = options.pop("offload", None)
     quant = options.pop("quant", None)
     qconfig = quant_config(quant)
     if qconfig is not None:
@@ -129,6 +136,19 @@ def fake_model(job: Job, options: dict, layers: int | None = None) -> tuple[nn.M
     with _adapters_stay_put(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*offload.*CPU-only model.*")  # fake tensors live on CPU
         memopt_apply(net, **{k: v for k, v in options.items() if v is not None and v is not False or k == "attention"})
+    if offload is not None and offload is not False:
+        from ..config import offload_config
+
+        config = offload_config(offload)
+        if job.device == "cuda":
+            net._memopt_fake_offload = FakeOffload(config, [*net.parameters(), *net.buffers()])
+            notes.append(f"offload={config.name}: the tensors saved for backward outside checkpointed blocks (at least "
+                         f"{config.min_bytes} bytes) counted in host memory, not on the device; {config.max_fwd_stash} "
+                         "of them wait on the device for their copy in forward, and in backward each comes back with "
+                         f"the {config.prefetch} needed next (the worst case of memopt's streams)")
+        else:
+            notes.append("offload=True does nothing with device='cpu': saved activations already live in host memory "
+                         "(memopt.apply skips it there)")
     return net, notes
 
 
@@ -157,7 +177,9 @@ def train_step(net: nn.Module, job: Job, optimizer: torch.optim.Optimizer | None
     precision = job.precision
     batch = job.batch(net)
     scaler = FakeGradScaler() if precision.grad_scaler else None
-    with real_data_answers(batch), precision.autocast("cpu"):  # fake tensors live on the CPU device
+    offload = getattr(net, "_memopt_fake_offload", None)
+    with real_data_answers(batch), precision.autocast("cpu"), \
+            (offload.hooks() if offload is not None else contextlib.nullcontext()):  # fake tensors live on the CPU
         if job.loss_fn is not None:
             loss, note = job.loss_fn(net, batch), None
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -243,6 +265,11 @@ class StepProfile:
     root_trainable: list = field(default_factory=list, repr=False)
     how: str = "a full-depth fake step"
     fitted: bool = False  # from the depth fit: trainable is root_trainable + block_trainable * blocks
+    in_backward: bool = False  # the optimizer step fused into backward: gradients freed as they are applied
+    # in_backward: (shape, dtype) of a parameter -> the largest (live bytes, by category, module) at the moment one of
+    # that shape is updated in backward: its update's working memory adds to that moment
+    hooks: dict = field(default_factory=dict, repr=False)
+    grad_bytes: int = 0  # every trainable parameter's gradient (a plain step holds them all at once)
 
 
 class _SegmentTracker(Tracker):
@@ -264,21 +291,61 @@ class _SegmentTracker(Tracker):
 
     def _record(self) -> None:
         super()._record()
-        phase, block = self._phase, self._block_of.get(self._current)
+        # a step in backward (in_backward) is part of backward's segments
+        phase = "backward" if self._phase == "optimizer" else self._phase
+        block = self._block_of.get(self._current)
         if block is not None:
             self._last_block[phase] = block
             key = (phase, "in", block)
         else:
             key = (phase, "out", self._last_block.get(phase))
+        self._keep(key)
+
+    def _keep(self, key: tuple) -> None:
         live = self._live_bytes
         best = self._seg_peak.get(key)
         if best is None or live > best[0]:
             self._seg_peak[key] = (live, dict(self._totals), self._current)
 
+    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        super()._pre_step(opt, args, kwargs)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if len(params) != 1 or not isinstance(opt, _NoStep):
+            return
+        # a parameter's update in backward: the moment its update's working memory adds to
+        p, block = params[0], self._block_of.get(self._current)
+        kind = Hook("in" if block is not None else "out", tuple(p.shape), p.dtype)
+        self._keep(("backward", kind, block if block is not None else self._last_block.get("backward")))
 
-def profile(job: Job, options: dict, layers: int | None = None) -> StepProfile:
-    """The `StepProfile` of one fake forward and backward (with `layers` decoder layers, or the model's own)."""
+
+class Hook(tuple):
+    """A segment kind for the moments parameters of one shape are updated in backward: (where, shape, dtype)."""
+
+    def __new__(cls, where: str, shape: tuple, dtype: torch.dtype) -> "Hook":
+        return super().__new__(cls, (where, shape, dtype))
+
+    @property
+    def where(self) -> str:
+        return self[0]
+
+
+class _NoStep(torch.optim.Optimizer):
+    """A per-parameter optimizer with no state and no update, for the profile's step in backward: the update's
+    state and working memory are the optimizer's part, added after (`with_optimizer`)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> None:
+        return None
+
+
+def profile(job: Job, options: dict, layers: int | None = None, in_backward: bool = False) -> StepProfile:
+    """The `StepProfile` of one fake forward and backward (with `layers` decoder layers, or the model's own);
+    ``in_backward``: with the optimizer step fused into backward (each gradient freed as it is applied)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..optim.in_backward import InBackwardOptimizer
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         net, notes = fake_model(job, options, layers)
@@ -288,6 +355,7 @@ def profile(job: Job, options: dict, layers: int | None = None) -> StepProfile:
         if not params:
             raise ValueError("the model has no trainable parameter: nothing to estimate a training step for")
         at: dict[str, Any] = {}
+        fused = InBackwardOptimizer(params, _NoStep, name="estimate") if in_backward else None
         with _SegmentTracker(net, blocks, job.round_to) as tracker:
             def mark() -> None:
                 tracker._grads_now()
@@ -296,6 +364,8 @@ def profile(job: Job, options: dict, layers: int | None = None) -> StepProfile:
             train_step(net, job, None, notes, after_backward=mark)
         report = tracker.report()
         trainable = [(n, tuple(p.shape), p.dtype) for n, p in net.named_parameters() if p.requires_grad]
+        if fused is not None:
+            fused.remove()
     block_params = [sum(layer.param_bytes for layer in report.layers if _inside(layer.name, b)) for b in blocks]
     in_blocks = lambda n: any(_inside(n, b) for b in blocks)  # noqa: E731
     own = {r.name: r.activation_bytes for r in report.rows()}
@@ -303,16 +373,34 @@ def profile(job: Job, options: dict, layers: int | None = None) -> StepProfile:
     folded = {r.name: r.activation_bytes for r in report.rows(blocks[0].count(".") + 1)} if blocks else {}
     block_act = [folded.get(b, 0) for b in blocks]  # with its children's
     first_block = blocks[1] if len(blocks) > 1 else (blocks[0] if blocks else None)
+    segments = dict(tracker._seg_peak)
+    r = job.round_to or 1
     return StepProfile(
         peak=report.peak_bytes, breakdown=dict(report.peak_breakdown), phase=report.peak_at.get("phase", ""),
         module=report.peak_at.get("module", ""), at_step=at["live"], at_step_breakdown=at["totals"],
         trainable=[(s, d) for _, s, d in trainable], param_bytes=report.total("param_bytes"),
         block_param_bytes=max(block_params, default=0), root_param_bytes=report.total("param_bytes") - sum(block_params),
         kept_block_bytes=kept, blocks=len(blocks), block_activation_bytes=block_act, notes=notes,
-        segments=dict(tracker._seg_peak),
+        segments=segments,
         block_trainable=[(s, d) for n, s, d in trainable if first_block is not None and _inside(n, first_block)],
         root_trainable=[(s, d) for n, s, d in trainable if not in_blocks(n)],
+        in_backward=in_backward, hooks=_hook_peaks(segments.items()),
+        grad_bytes=sum(-(-ParamShape(s, d).numel() * d.itemsize // r) * r for _, s, d in trainable),
     )
+
+
+def _hook_peaks(items: Any) -> dict:
+    """(shape, dtype) -> the largest (live, by category, module) of the hook segments among `items`
+    ((key, value) pairs; a key holds a `Hook` where it is one)."""
+    out: dict = {}
+    for key, value in items:
+        hook = next((k for k in key if isinstance(k, Hook)), None)
+        if hook is None:
+            continue
+        shape = (hook[1], hook[2])
+        if shape not in out or value[0] > out[shape][0]:
+            out[shape] = value
+    return out
 
 
 # -- depth: two shallow steps give every depth ------------------------------------------------------------------------
@@ -326,10 +414,12 @@ def _normalise(segments: dict, blocks: int, every: int) -> dict[tuple, tuple[int
     groups = blocks // every
     out = {}
     for (phase, kind, i), value in segments.items():
-        if kind == "out" and i is None:
-            key = (phase, "head")
-        elif kind == "out" and ((phase != "backward" and i == blocks - 1) or (phase == "backward" and i == 0)):
-            key = (phase, "tail")
+        where = kind.where if isinstance(kind, Hook) else kind
+        hook = (kind,) if isinstance(kind, Hook) else ()  # the moments a parameter is updated in backward
+        if where == "out" and i is None:
+            key = (phase, "head", *hook)
+        elif where == "out" and ((phase != "backward" and i == blocks - 1) or (phase == "backward" and i == 0)):
+            key = (phase, "tail", *hook)
         else:
             j, r = divmod(i, every)
             role = "first" if j == 0 else "last" if j == groups - 1 else ("mid", j)
@@ -367,7 +457,7 @@ def extrapolate(low: StepProfile, high: StepProfile, groups_low: int, every: int
         cats = {c: _affine(va[1].get(c, 0), vb[1].get(c, 0), sa, sb, s) for c in CATEGORIES}
         return live, cats, vb[2]
 
-    candidates = [(key[0], fit(plain_a[key], plain_b[key], groups_low, groups_high, g)) for key in plain_a]
+    candidates = [(key, fit(plain_a[key], plain_b[key], groups_low, groups_high, g)) for key in plain_a]
     for (phase, kind, r), points in mids.items():
         try:  # v(j, S) = A + B S + C j from (1, low), (1, high), (2, high)
             v1l, v1h, v2h = points[(1, groups_low)], points[(1, groups_high)], points[(2, groups_high)]
@@ -380,10 +470,14 @@ def extrapolate(low: StepProfile, high: StepProfile, groups_low: int, every: int
                 return base + (pick(v2h) - pick(v1h)) * (j - 1)
             live = at()
             cats = {c: at(cat=c) for c in CATEGORIES}
-            candidates.append((phase, (live, cats, v2h[2])))
+            candidates.append(((phase, kind, r), (live, cats, v2h[2])))
+    hooks = _hook_peaks(candidates)  # the moments of updates in backward, kept apart by the parameter's shape
+    candidates = [c for c in candidates if not any(isinstance(k, Hook) for k in c[0])]
     if not candidates:
         raise NotAffine("no segment to fit")
-    phase, (peak, breakdown, module) = max(candidates, key=lambda c: c[1][0])
+    if any(v[0] < 0 for v in hooks.values()):
+        raise NotAffine("the depth fit gives a negative peak")
+    phase, (peak, breakdown, module) = max(((k[0], v) for k, v in candidates), key=lambda c: c[1][0])
     if peak < 0 or any(v < 0 for v in breakdown.values()):
         raise NotAffine("the depth fit gives a negative peak")
     per = lambda x, y: _affine(x, y, groups_low, groups_high, g)  # noqa: E731
@@ -397,7 +491,9 @@ def extrapolate(low: StepProfile, high: StepProfile, groups_low: int, every: int
         param_bytes=high.root_param_bytes + high.block_param_bytes * layers, block_param_bytes=high.block_param_bytes,
         root_param_bytes=high.root_param_bytes, kept_block_bytes=int(kept), blocks=layers, notes=high.notes,
         how=f"fitted from fake steps of {groups_low * every} and {groups_high * every} layers", fitted=True,
-        root_trainable=high.root_trainable, block_trainable=high.block_trainable,
+        root_trainable=high.root_trainable, block_trainable=high.block_trainable, in_backward=high.in_backward,
+        hooks={k: (int(v[0]), {c: int(x) for c, x in v[1].items()}, v[2]) for k, v in hooks.items()},
+        grad_bytes=per(low.grad_bytes, high.grad_bytes),
     )
 
 
@@ -450,12 +546,25 @@ def stack_working_bytes(spec: OptimizerSpec, root: list, block: list, layers: in
     return step_working_bytes(spec, root + block * layers, device, round_to)
 
 
-def with_optimizer(prof: StepProfile, spec: OptimizerSpec, device: str,
-                   round_to: int | None) -> tuple[int, dict[str, int], str, int]:
+def with_optimizer(prof: StepProfile, spec: OptimizerSpec, device: str, round_to: int | None,
+                   cpu_offload: bool = False) -> tuple[int, dict[str, int], str, int]:
     """(peak, breakdown, phase, state bytes) of `prof`'s step with `spec` as its optimizer (see the module
-    docstring)."""
-    state = state_bytes(spec, prof.trainable, round_to or 1)
-    if prof.fitted:  # root + block * layers
+    docstring). With the step in backward (``prof.in_backward``) there is no step after backward: each parameter's
+    update adds its working memory to the moment it runs. ``cpu_offload``: the state and the update on the host
+    (torchao's CPUOffloadOptimizer), only small parameters' state on the device."""
+    state = device_state_bytes(spec, prof.trainable, round_to or 1, prof.in_backward, cpu_offload)
+    if prof.in_backward:
+        peak, cats, phase, work = prof.peak, prof.breakdown, prof.phase, 0
+        for shape, (live, at, _) in prof.hooks.items():
+            w = 0 if cpu_offload else step_working_bytes(spec, [shape], device, round_to)
+            if live + w > peak:
+                peak, cats, phase, work = live + w, at, "backward", w
+        breakdown = dict(cats)
+        breakdown["optimizer"] = breakdown.get("optimizer", 0) + state + work
+        return peak + state, breakdown, "backward" if phase == "optimizer" else phase, state
+    if cpu_offload:
+        work = 0
+    elif prof.fitted:  # root + block * layers
         work = stack_working_bytes(spec, prof.root_trainable, prof.block_trainable, prof.blocks, device, round_to)
     else:
         work = step_working_bytes(spec, prof.trainable, device, round_to)
