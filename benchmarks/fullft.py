@@ -278,7 +278,7 @@ def cuda_proof(args) -> list[dict]:
         measure("state: AdamW, cpu_offload=True", state(cpu_offload=True), batch)
         measure("state: AdamW, cpu_offload=True, in_backward=True", state(cpu_offload=True, in_backward=True), batch)
         measure("state: AdamW, in_backward=True", state(in_backward=True), batch)
-        del base
+        base = None  # the closures above hold it: free it for what follows
         if not args.no_7b:
             out.append(seven_b(device))
     return out

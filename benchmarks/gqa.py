@@ -66,10 +66,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
     parser.add_argument("--kv-heads", type=int, nargs="+", default=None, help="default: H/2, H/4, 1")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)  # --threads: bench_args sets torch's threads as it parses
     if args.new_tokens < 1:
         parser.error("--new-tokens must be at least 1")
     heads = args.heads
@@ -92,7 +89,8 @@ def main(argv=None) -> dict:
         prompt = torch.randint(0, args.vocab, (args.batch, context), generator=g).to(args.device)
         cache, times = {}, {name: ([], []) for name in models}
         for name, model in models.items():
-            cache[name] = _cache_bytes(_generate(model, prompt, 2).past_key_values)  # also the warm-up
+            # also the warm-up; the cache holds context + 1 tokens (the last token generated is never cached)
+            cache[name] = _cache_bytes(_generate(model, prompt, 2).past_key_values)
         for _ in range(args.steps):
             for name, model in models.items():  # round-robin: the machine's noise spreads over every row alike
                 prefill, decode = decode_seconds(model, prompt, args.new_tokens, clock)
@@ -102,7 +100,7 @@ def main(argv=None) -> dict:
         for name, model in models.items():
             k = model.config.num_key_value_heads
             est = memopt.estimate(base.config, mode="generate",
-                                  batch_size=args.batch, seq_len=context + 1, device="cpu",
+                                  batch_size=args.batch, seq_len=context + 2, new_tokens=2, device="cpu",
                                   kv_heads=None if name == "MHA" else k)
             prefill, decode = statistics.median(times[name][0]), statistics.median(times[name][1])
             rows[name] = dict(kv_heads=k, cache=cache[name], estimate=est.kv_cache_bytes,
