@@ -35,7 +35,7 @@ from ..tracker.kv_cache import OFFLOAD_ERROR, all_tensors
 from .estimator import DEVICES, Estimate, _block_depth, dtype_from_name
 from .fake_step import _adapters_stay_put, _call, _fake_like_meta, _fake_quantize, build_model, load_config
 from .kv_cache import KVCacheConfig, blocks_needed, cache_shape, kv_cache_config, make_cache, paged_cache, with_blocks
-from .profile import _cast_floating
+from .profile import _cast_floating, check_positive_ints
 
 
 @dataclass
@@ -257,12 +257,8 @@ def estimate_generate(
     if kv.kind == "offloaded" and device != "cuda":
         raise ValueError(f"kv_cache='offloaded' with device={device!r}: {OFFLOAD_ERROR.removeprefix('memopt: ')}")
     kv.resolved_backend()  # a missing backend raises here, naming the extra
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive int")
-    for name, v in (("new_tokens", new_tokens), ("max_concurrent_sequences", max_concurrent_sequences)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}={v!r} must be a positive int or None")
+    check_positive_ints(batch_size=batch_size, seq_len=seq_len)
+    check_positive_ints(True, new_tokens=new_tokens, max_concurrent_sequences=max_concurrent_sequences)
     reqs = _requests(requests) if requests is not None else None
     if kv.kind == "paged" and reqs is None:  # one batch of equal sequences, as a list of requests
         n = new_tokens or 1

@@ -70,6 +70,15 @@ class Job:
         return self.inputs() if self.inputs is not None else _hf_batch(net, self.batch_size, self.seq_len, self.mode)
 
 
+def check_positive_ints(optional: bool = False, **values: Any) -> None:
+    """ValueError naming the first value that is not a positive int (None allowed with `optional`)."""
+    for name, v in values.items():
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive int" + (" or None" if optional else ""))
+
+
 def make_job(model: Any, *, batch_size: int, seq_len: int, inputs: Any, loss_fn: Any, precision: Any, dtype: Any,
              device: str, world_size: int, mode: str) -> Job:
     """Check the arguments `estimate` and `plan` share and resolve the precision (see `memopt.precision`)."""
@@ -79,9 +88,7 @@ def make_job(model: Any, *, batch_size: int, seq_len: int, inputs: Any, loss_fn:
         raise ValueError(f"mode={mode!r} is not supported; use 'train' or 'generate'")
     if device not in DEVICES:
         raise ValueError(f"device={device!r} is not supported; use 'cuda' or 'cpu'")
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive int")
+    check_positive_ints(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r} must be a callable loss_fn(model, batch) -> scalar loss tensor")
     if callable(model) and not isinstance(model, str) and not hasattr(model, "to_dict") and \
